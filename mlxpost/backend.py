@@ -1,0 +1,220 @@
+"""The backend interface every algorithm is written against.
+
+A backend owns everything that touches a framework: model loading, LoRA,
+forward passes, sampling, autodiff and the optimizer. Algorithms hand it numpy
+arrays and pure loss functions; they never import mlx or torch. A backend
+module is imported only when `get_backend` is asked for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import platform
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+# LoRA targets per architecture when the user names none: every attention and
+# MLP projection, as PEFT users commonly choose for small models.
+DEFAULT_LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input path."})
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (last path component); None: architecture default."
+        },
+    )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled (AdamW) weight decay."})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Clip the global gradient norm to this; None: no clipping."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps from 0."})
+    total_steps: int = field(default=1000, metadata={"help": "Steps of the whole schedule."})
+    min_lr_ratio: float = field(
+        default=0.0, metadata={"help": "Cosine decay ends at learning_rate * min_lr_ratio."}
+    )
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated at most."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature; 0 means greedy decoding."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1: off)."})
+    top_k: int = field(
+        default=0, metadata={"help": "Sample among the k likeliest tokens (0: off)."}
+    )
+    n: int = field(default=1, metadata={"help": "Samples per prompt, sharing one prompt prefill."})
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n (samples per prompt) must be at least 1, got {self.n}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
+                f"{self.top_p}, {self.top_k}"
+            )
+
+
+@dataclass
+class Samples:
+    """Sampling results, all numpy, one row per sample (prompt-major: prompt i's
+    samples are rows i*n .. i*n+n-1).
+
+    `logprobs` are behaviour logprobs under the trainer's definition:
+    log_softmax(logits / temperature) of the full distribution, before top-k /
+    top-p truncation (truncation only decides which tokens can be drawn). With
+    temperature 0 (greedy) they are taken at temperature 1.
+    """
+
+    prompt_ids: np.ndarray  # (N, P) int32, left padded
+    prompt_mask: np.ndarray  # (N, P) int32
+    completion_ids: np.ndarray  # (N, C) int32, right padded with pad_id
+    completion_mask: np.ndarray  # (N, C) int32: generated tokens up to and including EOS
+    logprobs: np.ndarray  # (N, C) float32, 0 where masked
+    finished: np.ndarray  # (N,) bool: stopped at EOS (False: truncated at max_new_tokens)
+    prompt_index: np.ndarray  # (N,) int: which prompt each row came from
+
+
+class Ops(Protocol):
+    """The array namespace loss functions are written in (see mlxpost.ops)."""
+
+
+LossFn = Callable[[Any, "Forward", dict], tuple[Any, dict]]
+
+
+class Forward(Protocol):
+    """Differentiable view of a model handed to a loss function."""
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        """(B, T, V) float32 logits; row t predicts token t+1."""
+
+    def scores(self, input_ids: Any, attention_mask: Any) -> Any:
+        """(B, T) float32 scalar-head outputs on the final hidden states."""
+
+
+class Backend(Protocol):
+    name: str
+    ops: Any
+
+    # models
+    def load_model(self, path: str, dtype: str = "float32") -> Any: ...
+    def attach_scalar_head(self, model: Any, seed: int = 0) -> None: ...
+    def attach_lora(self, model: Any, cfg: LoraConfig, seed: int = 0) -> None: ...
+    def set_adapter_enabled(self, model: Any, enabled: bool) -> None: ...
+    def save_adapter(self, model: Any, directory: str) -> None: ...
+    def load_adapter(self, model: Any, directory: str) -> None: ...
+    def parameters(self, model: Any, trainable_only: bool = False) -> dict[str, np.ndarray]: ...
+    def set_parameters(self, model: Any, params: dict[str, np.ndarray]) -> None: ...
+    def parameter_count(self, model: Any) -> tuple[int, int]: ...
+
+    # compute (no gradients)
+    def logprobs(
+        self,
+        model: Any,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        temperature: float = 1.0,
+    ) -> np.ndarray: ...
+    def hidden_states(
+        self, model: Any, input_ids: np.ndarray, attention_mask: np.ndarray
+    ) -> np.ndarray: ...
+    def sample(
+        self,
+        model: Any,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        seed: int,
+    ) -> Samples: ...
+
+    # training
+    def make_optimizer(self, model: Any, cfg: OptimConfig) -> Any: ...
+    def loss_and_grads(
+        self, model: Any, loss_fn: LossFn, batch: dict[str, np.ndarray]
+    ) -> tuple[float, dict, dict[str, np.ndarray]]: ...
+    def train_step(
+        self,
+        model: Any,
+        optimizer: Any,
+        loss_fn: LossFn,
+        microbatches: Sequence[dict[str, np.ndarray]],
+        weights: Sequence[float] | None = None,
+    ) -> dict[str, float]: ...
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]: ...
+    def load_optimizer_state(self, optimizer: Any, state: dict[str, Any]) -> None: ...
+    def seed(self, seed: int) -> None: ...
+
+
+BACKENDS = {"mlx": "mlxpost.mlx_backend", "torch": "torch_backend"}
+
+
+def default_backend_name() -> str:
+    """mlx on Apple Silicon, torch elsewhere."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "torch"
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """Import and return the chosen backend; only that framework is imported."""
+    if name == "auto":
+        name = default_backend_name()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    try:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as err:
+        extra = "mlx" if name == "mlx" else "torch"
+        raise BackendUnavailable(
+            f"the {name} backend is not installed ({err}); install it with "
+            f"pip install 'mlxpost[{extra}]'"
+        ) from err
+    return module.Backend()
+
+
+class BackendUnavailable(ImportError):
+    pass
+
+
+@contextlib.contextmanager
+def adapter_disabled(backend: Backend, model: Any) -> Iterator[None]:
+    """The reference model: the same weights with the LoRA adapter switched off."""
+    backend.set_adapter_enabled(model, False)
+    try:
+        yield
+    finally:
+        backend.set_adapter_enabled(model, True)

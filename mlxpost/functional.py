@@ -1,0 +1,76 @@
+"""Functionals shared by every algorithm, written once over an ops namespace.
+
+All arrays are aligned with `input_ids` (B, T): the logprob of token t sits at
+column t and is computed from the logits at t-1 (column 0 has no prediction
+and is always 0). Masks are 0/1 arrays of the same shape; a column counts only
+where its mask is 1, so prompts, padding and tokens after EOS never count.
+"""
+
+from __future__ import annotations
+
+
+def token_logprobs(ops, logits, input_ids, temperature: float = 1.0):
+    """log_softmax(logits[t-1] / temperature)[token t] in float32, shape (B, T)."""
+    logits = ops.float32(logits[:, :-1, :])  # (B, T-1, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, 1:, None]  # (B, T-1, 1)
+    picked = ops.take_along_axis(logits, targets, axis=-1)[..., 0]  # (B, T-1)
+    logprobs = picked - ops.logsumexp(logits, axis=-1)  # (B, T-1)
+    return ops.concatenate([ops.zeros((logprobs.shape[0], 1)), logprobs], axis=1)
+
+
+def token_entropy(ops, logits, temperature: float = 1.0):
+    """Entropy of the next-token distribution predicting token t, aligned like logprobs."""
+    logits = ops.float32(logits[:, :-1, :])
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_p = ops.log_softmax(logits, axis=-1)  # (B, T-1, V)
+    entropy = -ops.sum(ops.exp(log_p) * log_p, axis=-1)  # (B, T-1)
+    return ops.concatenate([ops.zeros((entropy.shape[0], 1)), entropy], axis=1)
+
+
+def masked_sum(ops, values, mask, axis=None):
+    return ops.sum(values * mask, axis=axis)
+
+
+def masked_mean(ops, values, mask, axis=None):
+    """Mean over the positions where mask is 1 (0 when there are none)."""
+    count = ops.sum(mask, axis=axis)
+    return ops.sum(values * mask, axis=axis) / ops.maximum(count, 1.0)
+
+
+def kl_estimate(ops, logprobs, ref_logprobs, estimator: str = "k3"):
+    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy.
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r with
+    log r = logprobs - ref_logprobs (Schulman, "Approximating KL divergence", 2020).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * ops.square(log_ratio)
+    if estimator == "k3":
+        return ops.exp(-log_ratio) - 1.0 + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose k1, k2 or k3")
+
+
+def last_token_index(mask):
+    """Index of the last 1 in each row of a numpy 0/1 mask (left or right padding)."""
+    import numpy as np
+
+    mask = np.asarray(mask)
+    width = mask.shape[1]
+    return width - 1 - np.argmax(mask[:, ::-1], axis=1)
+
+
+def nll_loss(ops, forward, batch):
+    """Mean negative log-likelihood over `loss_mask` tokens (SFT, perplexity).
+
+    batch: input_ids (B, T), attention_mask (B, T), loss_mask (B, T).
+    """
+    logits = forward.logits(batch["input_ids"], batch["attention_mask"])
+    logprobs = token_logprobs(ops, logits, batch["input_ids"])
+    loss = -masked_mean(ops, logprobs, batch["loss_mask"])
+    return loss, {"nll": loss}

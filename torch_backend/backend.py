@@ -1,0 +1,211 @@
+"""The PyTorch implementation of mlxpost's Backend protocol (mlxpost/backend.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mlxpost import adapters
+from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
+from mlxpost.functional import token_logprobs
+from torch_backend import lora, models, sampling, training
+from torch_backend.models import TorchModel
+from torch_backend.ops import TorchOps
+
+
+class TorchForward:
+    """The differentiable view a loss function receives."""
+
+    def __init__(self, model: TorchModel):
+        self.model = model
+
+    def logits(self, input_ids, attention_mask):
+        return models.logits(self.model, input_ids, attention_mask).float()
+
+    def scores(self, input_ids, attention_mask):
+        return models.scores(self.model, input_ids, attention_mask)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Parity needs true float32 matmuls: TF32 rounds inputs to 10 mantissa bits.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        self.ops = TorchOps(self.device)
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"torch {torch.__version__} on {name}"
+
+    # ---- conversion ----
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            return torch.as_tensor(array, dtype=torch.long, device=self.device)
+        return torch.as_tensor(array, dtype=torch.float32, device=self.device)
+
+    def batch_to_tensors(self, batch: dict) -> dict:
+        return {k: self.tensor(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+    # ---- models ----
+    def load_model(self, path: str, dtype: str = "float32") -> TorchModel:
+        return models.load(path, dtype, self.device)
+
+    def attach_scalar_head(self, model: TorchModel, seed: int = 0) -> None:
+        models.attach_scalar_head(model, seed)
+
+    def attach_lora(self, model: TorchModel, cfg: LoraConfig, seed: int = 0) -> None:
+        if model.lora:
+            raise ValueError("a LoRA adapter is already attached")
+        targets = adapters.resolve_targets(model.arch, cfg)
+        for param in model.module.parameters():
+            param.requires_grad_(False)
+        model.lora = lora.attach(model.module, targets, cfg.rank, cfg.scale, cfg.dropout, seed)
+        model.lora_cfg, model.lora_targets = cfg, targets
+
+    def set_adapter_enabled(self, model: TorchModel, enabled: bool) -> None:
+        for layer in model.lora.values():
+            layer.enabled = enabled
+
+    def set_dropout(self, model: TorchModel, training_mode: bool) -> None:
+        """LoRA dropout is active only in training mode; model dropouts stay off."""
+        for layer in model.lora.values():
+            layer.lora_dropout.train(training_mode)
+
+    def save_adapter(self, model: TorchModel, directory: str) -> None:
+        if not model.lora:
+            raise ValueError("no LoRA adapter attached")
+        adapters.save_adapter(
+            directory,
+            lora.lora_state(model.lora),
+            model.lora_cfg,
+            model.lora_targets,
+            model.arch,
+            model.path,
+        )
+
+    def load_adapter(self, model: TorchModel, directory: str) -> None:
+        cfg, weights = adapters.load_adapter(directory)
+        if not model.lora:
+            self.attach_lora(model, cfg)
+        self._set_lora(model, weights, directory)
+
+    def _set_lora(self, model: TorchModel, weights: dict, source: str) -> None:
+        expected = lora.lora_state(model.lora)
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise adapters.AdapterError(
+                f"{source}: adapter does not fit this model; missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        params = dict(model.module.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                target = params[name]
+                if tuple(target.shape) != value.shape:
+                    raise adapters.AdapterError(
+                        f"{source}: {name} has shape {value.shape}, the model needs {tuple(target.shape)}"
+                    )
+                target.copy_(torch.from_numpy(value))
+
+    def parameters(self, model: TorchModel, trainable_only: bool = False) -> dict[str, np.ndarray]:
+        if trainable_only:
+            return models.to_numpy_params(model.named_trainable())
+        params = dict(model.module.named_parameters())
+        if model.score is not None:
+            params.update({f"score.{n}": p for n, p in model.score.named_parameters()})
+        return models.to_numpy_params(params)
+
+    def set_parameters(self, model: TorchModel, params: dict[str, np.ndarray]) -> None:
+        named = dict(model.module.named_parameters())
+        if model.score is not None:
+            named.update({f"score.{n}": p for n, p in model.score.named_parameters()})
+        with torch.no_grad():
+            for name, value in params.items():
+                if name not in named:
+                    raise KeyError(f"unknown parameter {name!r}")
+                named[name].copy_(torch.as_tensor(value).to(named[name].dtype))
+
+    def parameter_count(self, model: TorchModel) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in model.named_trainable().values())
+        total = sum(p.numel() for p in model.module.parameters())
+        if model.score is not None:
+            total += sum(p.numel() for p in model.score.parameters())
+        return trainable, total
+
+    # ---- compute ----
+    @torch.no_grad()
+    def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
+        ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
+        out = token_logprobs(self.ops, models.logits(model, ids, mask), ids, temperature)
+        return out.cpu().numpy()
+
+    @torch.no_grad()
+    def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
+        return models.logits(model, ids, mask).float().cpu().numpy()
+
+    @torch.no_grad()
+    def hidden_states(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
+        return models.hidden_states(model, ids, mask).float().cpu().numpy()
+
+    @torch.no_grad()
+    def scores(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
+        return models.scores(model, ids, mask).cpu().numpy()
+
+    def sample(
+        self,
+        model: TorchModel,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        seed: int,
+    ) -> Samples:
+        return sampling.sample(model, prompts, cfg, eos_ids, pad_id, seed, self.device)
+
+    # ---- training ----
+    def make_optimizer(self, model: TorchModel, cfg: OptimConfig) -> training.TorchOptimizer:
+        return training.TorchOptimizer(model.named_trainable(), cfg)
+
+    def loss_and_grads(self, model: TorchModel, loss_fn, batch: dict):
+        params = model.named_trainable()
+        for p in params.values():
+            p.grad = None
+        loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
+        loss.backward()
+        grads = {
+            n: p.grad.detach().float().cpu().numpy()
+            for n, p in params.items()
+            if p.grad is not None
+        }
+        for p in params.values():
+            p.grad = None
+        return float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads
+
+    def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
+        return training.train_step(
+            optimizer,
+            TorchForward(model),
+            self.ops,
+            loss_fn,
+            microbatches,
+            weights,
+            self.batch_to_tensors,
+        )
+
+    def optimizer_state(self, optimizer: training.TorchOptimizer) -> dict:
+        return optimizer.state()
+
+    def load_optimizer_state(self, optimizer: training.TorchOptimizer, state: dict) -> None:
+        optimizer.load_state(state)
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)

@@ -1,0 +1,78 @@
+"""LoRA layers on transformers modules, mirroring mlxpost/mlx_backend/lora.py.
+
+A wrapped projection keeps the original module as `base_layer` and adds
+`lora_A` (r, in) and `lora_B` (out, r) linears, so parameter names are PEFT's.
+Adapter weights stay float32 whatever the model dtype; the update is computed
+in float32 and cast back, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from mlxpost.adapters import init_lora_weights, select_modules
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float, dropout: float):
+        super().__init__()
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape  # GPT-2 stores (in, out)
+        elif isinstance(base_layer, nn.Linear):
+            out_features, in_features = base_layer.weight.shape
+        else:
+            raise TypeError(
+                f"LoRA supports Linear and Conv1D layers, not {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = scale
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.enabled:
+            return y
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.float()))) * self.scale
+        return y + update.to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the update folded in, in the base layer's layout."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (out, in)
+        weight = self.base_layer.weight
+        if isinstance(self.base_layer, Conv1D):
+            delta = delta.T
+        return (weight.float() + delta).to(weight.dtype)
+
+
+def attach(module: nn.Module, targets, rank: int, scale: float, dropout: float, seed: int) -> dict:
+    """Wrap every targeted projection; returns {module path: LoRALinear}."""
+    candidates = [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    candidates = [n for n in candidates if n != "lm_head" and not n.endswith("score")]
+    wrapped = {}
+    for path in select_modules(candidates, targets):
+        parent_path, _, child = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        layer = LoRALinear(getattr(parent, child), rank, scale, dropout)
+        lora_a, lora_b = init_lora_weights(path, layer.in_features, layer.out_features, rank, seed)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(torch.from_numpy(lora_a))
+            layer.lora_B.weight.copy_(torch.from_numpy(lora_b))
+        setattr(parent, child, layer)
+        wrapped[path] = layer
+    return wrapped
+
+
+def lora_state(wrapped: dict) -> dict[str, np.ndarray]:
+    out = {}
+    for path, layer in wrapped.items():
+        out[f"{path}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().numpy()
+        out[f"{path}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().numpy()
+    return out

@@ -1,0 +1,104 @@
+"""Loading transformers models and running them under the logprob contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from mlxpost.backend import LoraConfig
+from mlxpost.checkpoint import read_config
+from mlxpost.heads import init_scalar_head
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TorchModel:
+    module: nn.Module
+    arch: str
+    config: dict
+    path: str
+    dtype: str
+    lora: dict = field(default_factory=dict)  # module path -> LoRALinear
+    lora_cfg: LoraConfig | None = None
+    lora_targets: tuple[str, ...] = ()
+    score: nn.Linear | None = None
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        if self.score is not None:
+            params.update({f"score.{n}": p for n, p in self.score.named_parameters()})
+        return params
+
+
+def load(path: str, dtype: str, device: torch.device) -> TorchModel:
+    config = read_config(path)
+    # Gemma-2's attention soft-capping exists only in the eager kernel.
+    attn = "eager" if config["model_type"] == "gemma2" else "sdpa"
+    module = AutoModelForCausalLM.from_pretrained(
+        path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn
+    )
+    module.to(device)
+    module.eval()  # dropout off: the model's own dropouts are not part of post-training here
+    return TorchModel(
+        module=module, arch=config["model_type"], config=config, path=path, dtype=dtype
+    )
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting real tokens only, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def logits(
+    model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    out = model.module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    )
+    return out.logits  # (B, T, V), model dtype
+
+
+def hidden_states(
+    model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    out = model.module.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state  # (B, T, H), after the final norm
+
+
+def attach_scalar_head(model: TorchModel, seed: int) -> None:
+    weight, bias = init_scalar_head(model_hidden_size(model), seed)
+    head = nn.Linear(weight.shape[1], 1, dtype=torch.float32, device=model.module.device)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weight))
+        head.bias.copy_(torch.from_numpy(bias))
+    model.score = head
+
+
+def scores(
+    model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    if model.score is None:
+        raise ValueError("this model has no scalar head; attach one first")
+    hidden = hidden_states(model, input_ids, attention_mask)
+    return model.score(hidden.float())[..., 0]  # (B, T)
+
+
+def model_hidden_size(model: TorchModel) -> int:
+    return int(model.config.get("hidden_size") or model.config["n_embd"])
+
+
+def to_numpy_params(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: p.detach().float().cpu().numpy() for n, p in params.items()}

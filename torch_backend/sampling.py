@@ -1,0 +1,105 @@
+"""Batched sampling with a KV cache, mirroring mlxpost/mlx_backend/sampling.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mlxpost.backend import Samples, SamplingConfig
+from mlxpost.sampling import assemble, left_pad
+from torch_backend.models import TorchModel, positions
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the top-p nucleus."""
+    if top_k > 0 and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first always stays.
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
+def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator):
+    """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T)."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        token = torch.argmax(logits, dim=-1)
+        logp = torch.log_softmax(logits, dim=-1)
+    else:
+        scaled = logits / cfg.temperature
+        logp = torch.log_softmax(scaled, dim=-1)
+        probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return token, logp.gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def sample(
+    model: TorchModel,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    seed: int,
+    device: torch.device,
+) -> Samples:
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    mask = torch.as_tensor(prompt_mask, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    eos = torch.as_tensor(list(eos_ids), device=device)
+
+    out = model.module(
+        input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    next_position = positions(mask)[:, -1] + 1  # (B,)
+    if cfg.n > 1:  # every sample of a prompt reuses that prompt's prefill
+        cache.batch_repeat_interleave(cfg.n)
+        logits = logits.repeat_interleave(cfg.n, dim=0)
+        mask = mask.repeat_interleave(cfg.n, dim=0)
+        next_position = next_position.repeat_interleave(cfg.n, dim=0)
+
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
+    tokens, logprobs, live = [], [], []
+    for step in range(cfg.max_new_tokens):
+        token, logp = choose(logits, cfg, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logprobs.append(logp)
+        live.append(~done)
+        done = done | torch.isin(token, eos)
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model.module(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_position = next_position + 1
+
+    def stacked(steps):  # one device-to-host copy at the end, not one per token
+        return torch.stack(steps, dim=1).cpu().numpy()
+
+    return assemble(
+        prompt_ids,
+        prompt_mask,
+        stacked(tokens),
+        stacked(logprobs),
+        stacked(live),
+        cfg.n,
+        eos_ids,
+        pad_id,
+    )

@@ -1,0 +1,97 @@
+"""Value-and-grad, AdamW, clipping and accumulation, mirroring mlx_backend/training.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mlxpost.backend import OptimConfig
+from mlxpost.schedule import learning_rate
+from mlxpost.training_utils import average_metrics, normalise_weights
+
+
+class TorchOptimizer:
+    """AdamW over a model's trainable parameters, with the shared LR schedule."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], cfg: OptimConfig):
+        self.params = params
+        self.cfg = cfg
+        self.step = 0
+        self.adamw = torch.optim.AdamW(
+            list(params.values()),
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def state(self) -> dict:
+        """Canonical numpy state: {"step", "m.<name>", "v.<name>"}, the same in both backends."""
+        out: dict = {"step": self.step}
+        for name, param in self.params.items():
+            slot = self.adamw.state.get(param, {})
+            if slot:
+                out[f"m.{name}"] = slot["exp_avg"].detach().cpu().numpy()
+                out[f"v.{name}"] = slot["exp_avg_sq"].detach().cpu().numpy()
+        return out
+
+    def load_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        for name, param in self.params.items():
+            if f"m.{name}" not in state:
+                continue
+            self.adamw.state[param] = {
+                "step": torch.tensor(float(self.step)),
+                "exp_avg": torch.as_tensor(state[f"m.{name}"], device=param.device).clone(),
+                "exp_avg_sq": torch.as_tensor(state[f"v.{name}"], device=param.device).clone(),
+            }
+
+
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm (float32); grads are scaled by max_norm / (norm + 1e-6) when above it."""
+    norm = torch.sqrt(sum(torch.sum(g.float() ** 2) for g in grads))
+    if max_norm is not None:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm
+
+
+def accumulate_grads(forward, ops, loss_fn, microbatches, weights, to_tensors):
+    """Backpropagate each weighted microbatch loss; gradients add up in .grad."""
+    losses, metrics = [], []
+    for batch, weight in zip(microbatches, weights):
+        loss, batch_metrics = loss_fn(ops, forward, to_tensors(batch))
+        (loss * weight).backward()
+        losses.append(float(loss.detach()))
+        metrics.append(
+            {
+                k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                for k, v in batch_metrics.items()
+            }
+        )
+    return float(np.dot(losses, weights)), average_metrics(metrics, weights)
+
+
+def train_step(
+    optimizer: TorchOptimizer,
+    forward,
+    ops,
+    loss_fn,
+    microbatches: Sequence[dict],
+    weights: Sequence[float] | None,
+    to_tensors,
+) -> dict[str, float]:
+    weights = normalise_weights(len(microbatches), weights)
+    optimizer.adamw.zero_grad(set_to_none=True)
+    loss, metrics = accumulate_grads(forward, ops, loss_fn, microbatches, weights, to_tensors)
+    params = [p for p in optimizer.params.values() if p.grad is not None]
+    grad_norm = clip_grad_norm([p.grad for p in params], optimizer.cfg.max_grad_norm)
+    lr = learning_rate(optimizer.cfg, optimizer.step)
+    for group in optimizer.adamw.param_groups:
+        group["lr"] = lr
+    optimizer.adamw.step()
+    optimizer.step += 1
+    return {**metrics, "loss": loss, "grad_norm": float(grad_norm), "learning_rate": lr}
