@@ -137,6 +137,21 @@ def load_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
     return cfg, weights
 
 
+def check_adapter_fits(source: str, expected: dict, weights: dict) -> None:
+    """Raise naming the tensors that differ between an adapter file and the attached layers."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{source}: adapter does not fit this model; missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, value in weights.items():
+        if tuple(expected[name].shape) != tuple(value.shape):
+            raise AdapterError(
+                f"{source}: {name} has shape {tuple(value.shape)}, the model needs {tuple(expected[name].shape)}"
+            )
+
+
 def _write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         f.write(json.dumps(obj, indent=2) + "\n")

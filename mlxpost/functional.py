@@ -65,6 +65,20 @@ def last_token_index(mask):
     return width - 1 - np.argmax(mask[:, ::-1], axis=1)
 
 
+def prediction_mask(attention_mask):
+    """Numpy 0/1 mask of tokens that have a real predecessor to be predicted from.
+
+    The first real token of a row has no prediction (its column holds a value
+    computed from a padding position), so it never counts in a loss.
+    """
+    import numpy as np
+
+    mask = np.asarray(attention_mask).astype(np.int32)
+    out = np.zeros_like(mask)
+    out[:, 1:] = mask[:, 1:] * mask[:, :-1]
+    return out
+
+
 def nll_loss(ops, forward, batch):
     """Mean negative log-likelihood over `loss_mask` tokens (SFT, perplexity).
 

@@ -102,7 +102,9 @@ def build(arch: str, output: str, seed: int = 0, **overrides) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="directory to write tiny-gpt2/ and tiny-gemma2/ into")
+    parser.add_argument(
+        "--output", required=True, help="directory to write tiny-gpt2/ and tiny-gemma2/ into"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for arch in ("gpt2", "gemma2"):

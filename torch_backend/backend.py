@@ -10,8 +10,8 @@ import torch
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.functional import token_logprobs
-from torch_backend import lora, models, sampling, training
-from torch_backend.models import TorchModel
+from torch_backend import lora, modeling, sampling, training
+from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
 
@@ -22,10 +22,10 @@ class TorchForward:
         self.model = model
 
     def logits(self, input_ids, attention_mask):
-        return models.logits(self.model, input_ids, attention_mask).float()
+        return modeling.logits(self.model, input_ids, attention_mask).float()
 
     def scores(self, input_ids, attention_mask):
-        return models.scores(self.model, input_ids, attention_mask)
+        return modeling.scores(self.model, input_ids, attention_mask)
 
 
 class TorchBackend:
@@ -54,10 +54,10 @@ class TorchBackend:
 
     # ---- models ----
     def load_model(self, path: str, dtype: str = "float32") -> TorchModel:
-        return models.load(path, dtype, self.device)
+        return modeling.load(path, dtype, self.device)
 
     def attach_scalar_head(self, model: TorchModel, seed: int = 0) -> None:
-        models.attach_scalar_head(model, seed)
+        modeling.attach_scalar_head(model, seed)
 
     def attach_lora(self, model: TorchModel, cfg: LoraConfig, seed: int = 0) -> None:
         if model.lora:
@@ -93,33 +93,19 @@ class TorchBackend:
         cfg, weights = adapters.load_adapter(directory)
         if not model.lora:
             self.attach_lora(model, cfg)
-        self._set_lora(model, weights, directory)
-
-    def _set_lora(self, model: TorchModel, weights: dict, source: str) -> None:
-        expected = lora.lora_state(model.lora)
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            raise adapters.AdapterError(
-                f"{source}: adapter does not fit this model; missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+        adapters.check_adapter_fits(directory, lora.lora_state(model.lora), weights)
         params = dict(model.module.named_parameters())
         with torch.no_grad():
             for name, value in weights.items():
-                target = params[name]
-                if tuple(target.shape) != value.shape:
-                    raise adapters.AdapterError(
-                        f"{source}: {name} has shape {value.shape}, the model needs {tuple(target.shape)}"
-                    )
-                target.copy_(torch.from_numpy(value))
+                params[name].copy_(torch.from_numpy(value))
 
     def parameters(self, model: TorchModel, trainable_only: bool = False) -> dict[str, np.ndarray]:
         if trainable_only:
-            return models.to_numpy_params(model.named_trainable())
+            return modeling.to_numpy_params(model.named_trainable())
         params = dict(model.module.named_parameters())
         if model.score is not None:
             params.update({f"score.{n}": p for n, p in model.score.named_parameters()})
-        return models.to_numpy_params(params)
+        return modeling.to_numpy_params(params)
 
     def set_parameters(self, model: TorchModel, params: dict[str, np.ndarray]) -> None:
         named = dict(model.module.named_parameters())
@@ -142,23 +128,23 @@ class TorchBackend:
     @torch.no_grad()
     def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        out = token_logprobs(self.ops, models.logits(model, ids, mask), ids, temperature)
+        out = token_logprobs(self.ops, modeling.logits(model, ids, mask), ids, temperature)
         return out.cpu().numpy()
 
     @torch.no_grad()
     def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return models.logits(model, ids, mask).float().cpu().numpy()
+        return modeling.logits(model, ids, mask).float().cpu().numpy()
 
     @torch.no_grad()
     def hidden_states(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return models.hidden_states(model, ids, mask).float().cpu().numpy()
+        return modeling.hidden_states(model, ids, mask).float().cpu().numpy()
 
     @torch.no_grad()
     def scores(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return models.scores(model, ids, mask).cpu().numpy()
+        return modeling.scores(model, ids, mask).cpu().numpy()
 
     def sample(
         self,
@@ -188,7 +174,7 @@ class TorchBackend:
         }
         for p in params.values():
             p.grad = None
-        return float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads
+        return float(loss.detach()), {k: float(v.detach()) for k, v in metrics.items()}, grads
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
         return training.train_step(

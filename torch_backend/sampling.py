@@ -8,7 +8,7 @@ import torch
 
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.sampling import assemble, left_pad
-from torch_backend.models import TorchModel, positions
+from torch_backend.modeling import TorchModel, positions
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

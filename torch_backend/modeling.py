@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
 from mlxpost.checkpoint import read_config
@@ -37,6 +38,7 @@ class TorchModel:
 
 def load(path: str, dtype: str, device: torch.device) -> TorchModel:
     config = read_config(path)
+    hf_logging.disable_progress_bar()  # mlxpost reports its own progress
     # Gemma-2's attention soft-capping exists only in the eager kernel.
     attn = "eager" if config["model_type"] == "gemma2" else "sdpa"
     module = AutoModelForCausalLM.from_pretrained(

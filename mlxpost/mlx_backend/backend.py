@@ -1,0 +1,175 @@
+"""The MLX implementation of mlxpost's Backend protocol (mlxpost/backend.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlxpost import adapters
+from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
+from mlxpost.functional import token_logprobs
+from mlxpost.mlx_backend import lora, modeling, sampling, training
+from mlxpost.mlx_backend.modeling import MLXModel
+from mlxpost.mlx_backend.ops import MLXOps
+
+
+class MLXForward:
+    """The differentiable view a loss function receives."""
+
+    def __init__(self, model: MLXModel):
+        self.model = model
+
+    def logits(self, input_ids, attention_mask):
+        return modeling.logits(self.model, input_ids, attention_mask).astype(mx.float32)
+
+    def scores(self, input_ids, attention_mask):
+        return modeling.scores(self.model, input_ids, attention_mask)
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self):
+        self.ops = MLXOps()
+
+    def describe(self) -> str:
+        return f"mlx {mx.__version__} on {mx.default_device()}"
+
+    # ---- conversion ----
+    @staticmethod
+    def array(value: np.ndarray) -> mx.array:
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
+            return mx.array(value.astype(np.int32))
+        return mx.array(value.astype(np.float32))
+
+    def batch_to_arrays(self, batch: dict) -> dict:
+        return {k: self.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+    # ---- models ----
+    def load_model(self, path: str, dtype: str = "float32") -> MLXModel:
+        return modeling.load(path, dtype)
+
+    def attach_scalar_head(self, model: MLXModel, seed: int = 0) -> None:
+        modeling.attach_scalar_head(model, seed)
+
+    def attach_lora(self, model: MLXModel, cfg: LoraConfig, seed: int = 0) -> None:
+        if model.lora:
+            raise ValueError("a LoRA adapter is already attached")
+        targets = adapters.resolve_targets(model.arch, cfg)
+        model.module.freeze()
+        model.lora = lora.attach(model.module, targets, cfg.rank, cfg.scale, cfg.dropout, seed)
+        for layer in model.lora.values():
+            layer.unfreeze(keys=["lora_A", "lora_B"], recurse=True)
+        if model.has_score:
+            model.module.score.unfreeze()
+        model.lora_cfg, model.lora_targets = cfg, targets
+
+    def set_adapter_enabled(self, model: MLXModel, enabled: bool) -> None:
+        for layer in model.lora.values():
+            layer.enabled = enabled
+
+    def set_dropout(self, model: MLXModel, training_mode: bool) -> None:
+        """LoRA dropout is active only in training mode; model dropouts stay off."""
+        for layer in model.lora.values():
+            layer.lora_dropout.train(training_mode)
+
+    def save_adapter(self, model: MLXModel, directory: str) -> None:
+        if not model.lora:
+            raise ValueError("no LoRA adapter attached")
+        adapters.save_adapter(
+            directory,
+            lora.lora_state(model.lora),
+            model.lora_cfg,
+            model.lora_targets,
+            model.arch,
+            model.path,
+        )
+
+    def load_adapter(self, model: MLXModel, directory: str) -> None:
+        cfg, weights = adapters.load_adapter(directory)
+        if not model.lora:
+            self.attach_lora(model, cfg)
+        expected = lora.lora_state(model.lora)
+        adapters.check_adapter_fits(directory, expected, weights)
+        model.module.load_weights([(n, mx.array(w)) for n, w in weights.items()], strict=False)
+        mx.eval(model.module.parameters())
+
+    def parameters(self, model: MLXModel, trainable_only: bool = False) -> dict[str, np.ndarray]:
+        return modeling.to_numpy_params(lora.named_parameters(model.module, trainable_only))
+
+    def set_parameters(self, model: MLXModel, params: dict[str, np.ndarray]) -> None:
+        named = lora.named_parameters(model.module)
+        unknown = sorted(set(params) - set(named))
+        if unknown:
+            raise KeyError(f"unknown parameters {unknown[:3]}")
+        model.module.load_weights(
+            [(n, mx.array(v).astype(named[n].dtype)) for n, v in params.items()], strict=False
+        )
+        mx.eval(model.module.parameters())
+
+    def parameter_count(self, model: MLXModel) -> tuple[int, int]:
+        trainable = sum(p.size for p in model.named_trainable().values())
+        total = sum(p.size for p in lora.named_parameters(model.module).values())
+        return trainable, total
+
+    # ---- compute ----
+    def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
+        ids, mask = self.array(input_ids), self.array(attention_mask)
+        out = token_logprobs(self.ops, modeling.logits(model, ids, mask), ids, temperature)
+        return np.array(out)
+
+    def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.array(input_ids), self.array(attention_mask)
+        return np.array(modeling.logits(model, ids, mask).astype(mx.float32))
+
+    def hidden_states(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.array(input_ids), self.array(attention_mask)
+        return np.array(modeling.hidden_states(model, ids, mask).astype(mx.float32))
+
+    def scores(self, model, input_ids, attention_mask) -> np.ndarray:
+        ids, mask = self.array(input_ids), self.array(attention_mask)
+        return np.array(modeling.scores(model, ids, mask))
+
+    def sample(
+        self,
+        model: MLXModel,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        seed: int,
+    ) -> Samples:
+        return sampling.sample(model, prompts, cfg, eos_ids, pad_id, seed)
+
+    # ---- training ----
+    def make_optimizer(self, model: MLXModel, cfg: OptimConfig) -> training.MLXOptimizer:
+        return training.MLXOptimizer(model.module, cfg)
+
+    def loss_and_grads(self, model: MLXModel, loss_fn, batch: dict):
+        grads, loss, metrics = training.accumulate_grads(
+            model.module, MLXForward(model), self.ops, loss_fn, [batch], [1.0], self.batch_to_arrays
+        )
+        return loss, metrics, modeling.to_numpy_params(dict(training.tree_flatten(grads)))
+
+    def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
+        return training.train_step(
+            optimizer,
+            MLXForward(model),
+            self.ops,
+            loss_fn,
+            microbatches,
+            weights,
+            self.batch_to_arrays,
+        )
+
+    def optimizer_state(self, optimizer: training.MLXOptimizer) -> dict:
+        return optimizer.state()
+
+    def load_optimizer_state(self, optimizer: training.MLXOptimizer, state: dict) -> None:
+        optimizer.load_state(state)
+
+    def seed(self, seed: int) -> None:
+        mx.random.seed(seed)

@@ -1,0 +1,81 @@
+"""Loading mlxpost's MLX models and running them under the logprob contract.
+
+Mirrors torch_backend/modeling.py; the architectures themselves live in models/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxpost.backend import LoraConfig
+from mlxpost.checkpoint import read_config
+from mlxpost.heads import init_scalar_head
+from mlxpost.mlx_backend.lora import named_parameters
+from mlxpost.mlx_backend.models.common import load_model
+
+MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class MLXModel:
+    module: nn.Module  # parameters named like transformers' modules; a scalar head is `score`
+    arch: str
+    config: dict
+    path: str
+    dtype: str
+    lora: dict = field(default_factory=dict)  # module path -> LoRALinear
+    lora_cfg: LoraConfig | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    @property
+    def has_score(self) -> bool:
+        return "score" in self.module
+
+    def named_trainable(self) -> dict[str, mx.array]:
+        return named_parameters(self.module, trainable_only=True)
+
+
+def load(path: str, dtype: str) -> MLXModel:
+    config = read_config(path)
+    module = load_model(path, MLX_DTYPES[dtype])
+    module.eval()
+    return MLXModel(module=module, arch=config["model_type"], config=config, path=path, dtype=dtype)
+
+
+def positions(attention_mask: mx.array) -> mx.array:
+    """Position ids counting real tokens only, so left padding does not shift positions."""
+    return mx.maximum(mx.cumsum(attention_mask.astype(mx.int32), axis=1) - 1, 0)
+
+
+def hidden_states(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+    return model.module(input_ids, positions(attention_mask), attention_mask)  # (B, T, H)
+
+
+def logits(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+    return model.module.lm_logits(hidden_states(model, input_ids, attention_mask))  # (B, T, V)
+
+
+def attach_scalar_head(model: MLXModel, seed: int) -> None:
+    weight, bias = init_scalar_head(model_hidden_size(model), seed)
+    head = nn.Linear(weight.shape[1], 1)
+    head.weight, head.bias = mx.array(weight), mx.array(bias)
+    model.module.score = head
+
+
+def scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+    if not model.has_score:
+        raise ValueError("this model has no scalar head; attach one first")
+    hidden = hidden_states(model, input_ids, attention_mask)
+    return model.module.score(hidden.astype(mx.float32))[..., 0]  # (B, T)
+
+
+def model_hidden_size(model: MLXModel) -> int:
+    return int(model.config.get("hidden_size") or model.config["n_embd"])
+
+
+def to_numpy_params(params: dict[str, mx.array]) -> dict[str, np.ndarray]:
+    return {n: np.array(p.astype(mx.float32)) for n, p in params.items()}

@@ -1,0 +1,177 @@
+"""GPT-2 causal LM in MLX, numerically matching transformers' GPT2LMHeadModel (eager attention).
+
+Parameter names equal transformers' module paths (``transformer.h.0.attn.c_attn.weight``...)
+so LoRA adapters can be saved under PEFT key names, and Conv1D weights keep the HF (in, out)
+layout so a merged checkpoint can be written back without transposes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .common import KVCache, attention, attention_bias, get_activation
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D: a linear layer whose weight is stored (in, out); y = x @ W + b."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 0.02):
+        super().__init__()
+        self.weight = mx.random.normal((in_features, out_features)) * std  # (in, out)
+        self.bias = mx.zeros((out_features,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight + self.bias
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_embd = cfg["n_embd"]
+        self.n_head = cfg["n_head"]
+        self.head_dim = self.n_embd // self.n_head
+        # Same scaling rules as GPT2Attention.__init__.
+        self.scale = 1.0
+        if cfg.get("scale_attn_weights", True):
+            self.scale = self.head_dim**-0.5
+        if cfg.get("scale_attn_by_inverse_layer_idx", False):
+            self.scale /= float(layer_idx + 1)
+        std = cfg.get("initializer_range", 0.02)
+        self.c_attn = Conv1D(self.n_embd, 3 * self.n_embd, std)
+        # Residual projections get the GPT-2 paper's 1/sqrt(2 * n_layer) init scaling.
+        self.c_proj = Conv1D(self.n_embd, self.n_embd, std / math.sqrt(2 * cfg["n_layer"]))
+
+    def __call__(self, x, bias, cache: KVCache | None):
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C): q | k | v along the last axis
+        q, k, v = mx.split(qkv, 3, axis=-1)  # each (B, T, C)
+        # (B, T, C) -> (B, T, H, D) -> (B, H, T, D)
+        q = q.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, T, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, S, D)
+        # transformers' GPT-2 eager softmax runs in the activation dtype; we always take it in
+        # float32 (identical in float32, slightly more accurate in half precision).
+        out = attention(q, k, v, bias, self.scale)  # (B, H, T, D)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
+        return self.c_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        n_embd = cfg["n_embd"]
+        inner = cfg.get("n_inner") or 4 * n_embd
+        std = cfg.get("initializer_range", 0.02)
+        self.c_fc = Conv1D(n_embd, inner, std)
+        self.c_proj = Conv1D(inner, n_embd, std / math.sqrt(2 * cfg["n_layer"]))
+        self.act = get_activation(cfg.get("activation_function", "gelu_new"))
+
+    def __call__(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: dict, layer_idx: int):
+        super().__init__()
+        eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.ln_1 = nn.LayerNorm(cfg["n_embd"], eps=eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ln_2 = nn.LayerNorm(cfg["n_embd"], eps=eps)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x, bias, cache):
+        # Pre-norm residual block, exactly as GPT2Block.
+        x = x + self.attn(self.ln_1(x), bias, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Body(nn.Module):
+    """The ``transformer.`` submodule: embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        std = cfg.get("initializer_range", 0.02)
+        self.wte = nn.Embedding(cfg["vocab_size"], cfg["n_embd"])
+        self.wte.weight = mx.random.normal(self.wte.weight.shape) * std
+        self.wpe = nn.Embedding(cfg["n_positions"], cfg["n_embd"])
+        self.wpe.weight = mx.random.normal(self.wpe.weight.shape) * std
+        self.h = [Block(cfg, i) for i in range(cfg["n_layer"])]
+        self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg.get("layer_norm_epsilon", 1e-5))
+
+
+def _normalise_config(config: dict) -> dict:
+    """Resolve GPT-2's alternative key names (config.json may use either spelling)."""
+    cfg = dict(config)
+    for short, long in (
+        ("n_embd", "hidden_size"),
+        ("n_layer", "num_hidden_layers"),
+        ("n_head", "num_attention_heads"),
+    ):
+        if short not in cfg and long in cfg:
+            cfg[short] = cfg[long]
+    # Old checkpoints may have only n_ctx; n_positions is the embedding-table size otherwise.
+    if cfg.get("n_positions") is None:
+        if cfg.get("n_ctx") is None:
+            raise ValueError("gpt2 config needs n_positions (or n_ctx)")
+        cfg["n_positions"] = cfg["n_ctx"]
+    if cfg.get("add_cross_attention"):
+        raise ValueError("gpt2 with add_cross_attention is not supported")
+    return cfg
+
+
+class Model(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        cfg = _normalise_config(config)
+        # Plain attributes (not dicts stored in the module tree) so they never show up as
+        # parameters: nn.Module registers dict/list attributes as children.
+        object.__setattr__(self, "_config", dict(config))
+        self.num_layers = cfg["n_layer"]
+        self.num_kv_heads = cfg["n_head"]
+        self.head_dim = cfg["n_embd"] // cfg["n_head"]
+        self.transformer = GPT2Body(cfg)
+        self.tie_word_embeddings = cfg.get("tie_word_embeddings", True)
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg["n_embd"], cfg["vocab_size"], bias=False)
+
+    @property
+    def config(self) -> dict:
+        return self._config
+
+    @property
+    def dtype(self):
+        return self.transformer.wte.weight.dtype
+
+    def __call__(self, input_ids, positions=None, key_mask=None, cache: KVCache | None = None):
+        """input_ids, positions: int (B, T); key_mask: (B, offset + T). Returns (B, T, C).
+
+        With a cache, the new keys go to slots [cache.offset, cache.offset + T) and the offset is
+        advanced by T after the last block.
+        """
+        B, T = input_ids.shape
+        offset = cache.offset if cache is not None else 0
+        if positions is None:
+            positions = mx.broadcast_to(mx.arange(offset, offset + T)[None], (B, T))
+        # Padding positions may be anything (e.g. cumsum(mask) - 1 = -1); clamp so the table
+        # lookup stays in range. Real positions must be < n_positions, as in transformers.
+        positions = mx.maximum(positions, 0)
+        body = self.transformer
+        x = body.wte(input_ids) + body.wpe(positions)  # (B, T, C)
+        bias = attention_bias(key_mask, offset, T, B)  # (B, 1, T, S), shared by all blocks
+        for block in body.h:
+            x = block(x, bias, cache)
+        if cache is not None:
+            cache.advance(T)
+        return body.ln_f(x)
+
+    def lm_logits(self, hidden: mx.array) -> mx.array:
+        """(B, T, C) -> (B, T, V) through the (tied) embedding, in the model dtype."""
+        if self.tie_word_embeddings:
+            return self.transformer.wte.as_linear(hidden)
+        return self.lm_head(hidden)
