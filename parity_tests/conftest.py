@@ -1,0 +1,75 @@
+"""Fixtures for the cross-backend tests.
+
+Tiny random GPT-2 and Gemma-2 checkpoints are built once per session by
+scripts/build_tiny_models.py. Point the suite at a real checkpoint too with
+`--parity-model DIR` or `MLXPOST_PARITY_MODEL=DIR` (several: comma-separated);
+those cases are skipped when neither is given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--parity-model",
+        default=None,
+        help="real checkpoint directories (comma-separated) to run the parity tests on as well",
+    )
+
+
+def real_checkpoints(config) -> list[str]:
+    given = config.getoption("--parity-model") or os.environ.get("MLXPOST_PARITY_MODEL", "")
+    return [p for p in given.split(",") if p]
+
+
+def pytest_generate_tests(metafunc):
+    if "checkpoint" in metafunc.fixturenames:
+        params = ["tiny-gpt2", "tiny-gemma2"] + real_checkpoints(metafunc.config)
+        metafunc.parametrize("checkpoint", params, indirect=True)
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location(
+        "build_tiny_models", ROOT / "scripts" / "build_tiny_models.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["build_tiny_models"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("torch")  # the builder writes checkpoints with transformers
+    builder = load_builder()
+    root = tmp_path_factory.mktemp("tiny-models")
+    for arch in ("gpt2", "gemma2"):
+        builder.build(arch, str(root / f"tiny-{arch}"))
+    return root
+
+
+@pytest.fixture
+def checkpoint(request, tiny_dir):
+    """A checkpoint directory: a tiny built one, or a real one given by the user."""
+    if request.param.startswith("tiny-"):
+        return str(tiny_dir / request.param)
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def backends():
+    """Both backends, or skip: these tests compare one against the other."""
+    pytest.importorskip("torch")
+    pytest.importorskip("mlx.core")
+    from mlxpost.backend import get_backend
+
+    return get_backend("torch"), get_backend("mlx")
