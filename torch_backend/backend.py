@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,10 +73,16 @@ class TorchBackend:
         for layer in model.lora.values():
             layer.enabled = enabled
 
-    def set_dropout(self, model: TorchModel, training_mode: bool) -> None:
-        """LoRA dropout is active only in training mode; model dropouts stay off."""
+    @contextlib.contextmanager
+    def dropout_on(self, model):
+        """LoRA dropout is active only inside training steps; model dropouts stay off."""
         for layer in model.lora.values():
-            layer.lora_dropout.train(training_mode)
+            layer.lora_dropout.train(True)
+        try:
+            yield
+        finally:
+            for layer in model.lora.values():
+                layer.lora_dropout.train(False)
 
     def save_adapter(self, model: TorchModel, directory: str) -> None:
         if not model.lora:
@@ -163,10 +170,9 @@ class TorchBackend:
 
     def loss_and_grads(self, model: TorchModel, loss_fn, batch: dict):
         params = model.named_trainable()
-        for p in params.values():
-            p.grad = None
-        loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
-        loss.backward()
+        with self.dropout_on(model):
+            loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
+            loss.backward()
         grads = {
             n: p.grad.detach().float().cpu().numpy()
             for n, p in params.items()
@@ -177,15 +183,16 @@ class TorchBackend:
         return float(loss.detach()), {k: float(v.detach()) for k, v in metrics.items()}, grads
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
-        return training.train_step(
-            optimizer,
-            TorchForward(model),
-            self.ops,
-            loss_fn,
-            microbatches,
-            weights,
-            self.batch_to_tensors,
-        )
+        with self.dropout_on(model):
+            return training.train_step(
+                optimizer,
+                TorchForward(model),
+                self.ops,
+                loss_fn,
+                microbatches,
+                weights,
+                self.batch_to_tensors,
+            )
 
     def optimizer_state(self, optimizer: training.TorchOptimizer) -> dict:
         return optimizer.state()

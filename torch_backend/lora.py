@@ -33,6 +33,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout.train(False)  # on only inside training steps (Backend.dropout_on)
         self.scale = scale
         self.enabled = True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -31,8 +32,9 @@ class MLXForward:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self):
+    def __init__(self, compile: bool = True):
         self.ops = MLXOps()
+        self.compile = compile  # mx.compile the forward+backward of training steps
 
     def describe(self) -> str:
         return f"mlx {mx.__version__} on {mx.default_device()}"
@@ -54,6 +56,7 @@ class MLXBackend:
 
     def attach_scalar_head(self, model: MLXModel, seed: int = 0) -> None:
         modeling.attach_scalar_head(model, seed)
+        model.grad_functions.clear()
 
     def attach_lora(self, model: MLXModel, cfg: LoraConfig, seed: int = 0) -> None:
         if model.lora:
@@ -66,15 +69,22 @@ class MLXBackend:
         if model.has_score:
             model.module.score.unfreeze()
         model.lora_cfg, model.lora_targets = cfg, targets
+        model.grad_functions.clear()
 
     def set_adapter_enabled(self, model: MLXModel, enabled: bool) -> None:
         for layer in model.lora.values():
             layer.enabled = enabled
 
-    def set_dropout(self, model: MLXModel, training_mode: bool) -> None:
-        """LoRA dropout is active only in training mode; model dropouts stay off."""
+    @contextlib.contextmanager
+    def dropout_on(self, model):
+        """LoRA dropout is active only inside training steps; model dropouts stay off."""
         for layer in model.lora.values():
-            layer.lora_dropout.train(training_mode)
+            layer.lora_dropout.train(True)
+        try:
+            yield
+        finally:
+            for layer in model.lora.values():
+                layer.lora_dropout.train(False)
 
     def save_adapter(self, model: MLXModel, directory: str) -> None:
         if not model.lora:
@@ -149,21 +159,32 @@ class MLXBackend:
         return training.MLXOptimizer(model.module, cfg)
 
     def loss_and_grads(self, model: MLXModel, loss_fn, batch: dict):
-        grads, loss, metrics = training.accumulate_grads(
-            model.module, MLXForward(model), self.ops, loss_fn, [batch], [1.0], self.batch_to_arrays
-        )
+        with self.dropout_on(model):
+            grads, loss, metrics = training.accumulate_grads(
+                model,
+                MLXForward(model),
+                self.ops,
+                loss_fn,
+                [batch],
+                [1.0],
+                self.batch_to_arrays,
+                self.compile,
+            )
         return loss, metrics, modeling.to_numpy_params(dict(training.tree_flatten(grads)))
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
-        return training.train_step(
-            optimizer,
-            MLXForward(model),
-            self.ops,
-            loss_fn,
-            microbatches,
-            weights,
-            self.batch_to_arrays,
-        )
+        with self.dropout_on(model):
+            return training.train_step(
+                model,
+                optimizer,
+                MLXForward(model),
+                self.ops,
+                loss_fn,
+                microbatches,
+                weights,
+                self.batch_to_arrays,
+                self.compile,
+            )
 
     def optimizer_state(self, optimizer: training.MLXOptimizer) -> dict:
         return optimizer.state()

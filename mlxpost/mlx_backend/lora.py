@@ -33,6 +33,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, out_features, bias=False)
         self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout.train(False)  # on only inside training steps (Backend.dropout_on)
         self.dropout = dropout
         self.scale = scale
         self.enabled = True

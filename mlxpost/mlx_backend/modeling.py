@@ -30,6 +30,9 @@ class MLXModel:
     lora: dict = field(default_factory=dict)  # module path -> LoRALinear
     lora_cfg: LoraConfig | None = None
     lora_targets: tuple[str, ...] = ()
+    grad_functions: dict = field(
+        default_factory=dict
+    )  # compiled value-and-grad per loss (training.py)
 
     @property
     def has_score(self) -> bool:

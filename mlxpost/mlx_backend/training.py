@@ -67,13 +67,33 @@ def clip_grad_norm(grads, max_norm: float | None):
     return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm
 
 
-def accumulate_grads(module, forward, ops, loss_fn, microbatches, weights, to_arrays):
+def grad_function(model, forward, ops, loss_fn, compile: bool):
+    """value_and_grad of loss_fn over the trainable parameters, compiled once per setting.
+
+    mx.compile traces the forward and backward into one graph (about 2x faster
+    even on CPU) and retraces by itself when batch shapes change. The trace
+    bakes in Python-level switches, so the cache is keyed on the adapter's
+    on/off state and on train/eval mode, and dropped when the model changes.
+    """
+    module = model.module
+    switches = tuple((layer.enabled, layer.lora_dropout.training) for layer in model.lora.values())
+    key = (loss_fn, compile, switches)
+    if key not in model.grad_functions:
+
+        def objective(batch):
+            return loss_fn(ops, forward, batch)
+
+        value_and_grad = nn.value_and_grad(module, objective)
+        if compile:
+            state = [module.state, mx.random.state]
+            value_and_grad = mx.compile(value_and_grad, inputs=state, outputs=state)
+        model.grad_functions[key] = value_and_grad
+    return model.grad_functions[key]
+
+
+def accumulate_grads(model, forward, ops, loss_fn, microbatches, weights, to_arrays, compile=True):
     """Weighted sum of each microbatch's gradients, with its losses and metrics."""
-
-    def objective(batch):
-        return loss_fn(ops, forward, batch)
-
-    value_and_grad = nn.value_and_grad(module, objective)
+    value_and_grad = grad_function(model, forward, ops, loss_fn, compile)
     total, losses, metrics = None, [], []
     for batch, weight in zip(microbatches, weights):
         (loss, batch_metrics), grads = value_and_grad(to_arrays(batch))
@@ -86,6 +106,7 @@ def accumulate_grads(module, forward, ops, loss_fn, microbatches, weights, to_ar
 
 
 def train_step(
+    model,
     optimizer: MLXOptimizer,
     forward,
     ops,
@@ -93,11 +114,12 @@ def train_step(
     microbatches: Sequence[dict],
     weights: Sequence[float] | None,
     to_arrays,
+    compile: bool = True,
 ) -> dict[str, float]:
     weights = normalise_weights(len(microbatches), weights)
     module = optimizer.module
     grads, loss, metrics = accumulate_grads(
-        module, forward, ops, loss_fn, microbatches, weights, to_arrays
+        model, forward, ops, loss_fn, microbatches, weights, to_arrays, compile
     )
     grads, grad_norm = clip_grad_norm(grads, optimizer.cfg.max_grad_norm)
     lr = learning_rate(optimizer.cfg, optimizer.step)
