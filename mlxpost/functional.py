@@ -31,11 +31,12 @@ def token_entropy(ops, logits, temperature: float = 1.0):
 
 
 def masked_sum(ops, values, mask, axis=None):
-    return ops.sum(values * mask, axis=axis)
+    return ops.sum(values * ops.float32(mask), axis=axis)
 
 
 def masked_mean(ops, values, mask, axis=None):
     """Mean over the positions where mask is 1 (0 when there are none)."""
+    mask = ops.float32(mask)
     count = ops.sum(mask, axis=axis)
     return ops.sum(values * mask, axis=axis) / ops.maximum(count, 1.0)
 
@@ -61,6 +62,9 @@ def last_token_index(mask):
     import numpy as np
 
     mask = np.asarray(mask)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"rows {empty.tolist()} have no tokens")
     width = mask.shape[1]
     return width - 1 - np.argmax(mask[:, ::-1], axis=1)
 

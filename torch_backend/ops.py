@@ -65,15 +65,21 @@ class TorchOps:
 
     @staticmethod
     def sum(x, axis=None, keepdims=False):
-        return torch.sum(x) if axis is None else torch.sum(x, dim=axis, keepdim=keepdims)
+        if axis is None:
+            axis = tuple(range(x.dim()))
+        return torch.sum(x, dim=axis, keepdim=keepdims)
 
     @staticmethod
     def mean(x, axis=None, keepdims=False):
-        return torch.mean(x) if axis is None else torch.mean(x, dim=axis, keepdim=keepdims)
+        if axis is None:
+            axis = tuple(range(x.dim()))
+        return torch.mean(x, dim=axis, keepdim=keepdims)
 
     @staticmethod
     def max(x, axis=None, keepdims=False):
-        return torch.max(x) if axis is None else torch.amax(x, dim=axis, keepdim=keepdims)
+        if axis is None:
+            axis = tuple(range(x.dim()))
+        return torch.amax(x, dim=axis, keepdim=keepdims)
 
     @staticmethod
     def stop_gradient(x):
