@@ -14,8 +14,13 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import Gemma2Config, GPT2Config, GPT2LMHeadModel, Gemma2ForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 VOCAB_SIZE = 320
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
