@@ -103,8 +103,13 @@ def parity(model_path, adapter, dtype, seq_len, batch_size, greedy_tokens, seed,
     step, and greedy decoding. Exit status 0 iff every check is within its
     tolerance (see `mlxpost.parity` for how tolerances follow from rounding).
     """
+    from mlxpost.adapters import load_adapter
+    from mlxpost.checkpoint import read_config
     from mlxpost.parity import ParitySetup, format_table, run_parity
 
+    read_config(model_path)  # bad input is reported before any backend is imported
+    if adapter:
+        load_adapter(adapter)
     setup = ParitySetup(
         model=model_path,
         adapter=adapter,

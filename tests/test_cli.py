@@ -51,3 +51,12 @@ def test_config_that_is_not_json(tmp_path):
 def test_checkpoint_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert_user_error(run_cli("parity", "--model", str(tmp_path)), "safetensors")
+
+
+def test_adapter_directory_without_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (model / "model.safetensors").write_bytes(b"")
+    result = run_cli("parity", "--model", str(model), "--adapter", str(tmp_path / "adapter"))
+    assert_user_error(result, "adapter_config.json", "not found")
