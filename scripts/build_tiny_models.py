@@ -22,12 +22,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mlxpost.templates import CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS
+
 VOCAB_SIZE = 320
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>"]
 CORPUS = [
     "Question: Tom has 3 apples and buys 4 more. How many apples does he have? Answer: 7",
     "The quick brown fox jumps over the lazy dog.",
-    "Human: Please summarise the text. Assistant: Here is a short summary.",
+    "<|user|>\nPlease summarise the text.<|end|>\n<|assistant|>\nHere is a short summary.<|end|>",
     "<think>First add the numbers, then check the result.</think> The answer is 12.",
     "def add(a, b):\n    return a + b\n",
 ] * 20
@@ -44,9 +45,9 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator(CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>"
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=END)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def gpt2_config(**overrides) -> GPT2Config:
@@ -58,7 +59,7 @@ def gpt2_config(**overrides) -> GPT2Config:
         n_head=4,
         pad_token_id=0,
         eos_token_id=1,
-        bos_token_id=2,
+        bos_token_id=1,
         tie_word_embeddings=True,
     )
     values.update(overrides)
@@ -83,7 +84,6 @@ def gemma2_config(**overrides) -> Gemma2Config:
         initializer_range=0.2,
         pad_token_id=0,
         eos_token_id=1,
-        bos_token_id=2,
         tie_word_embeddings=True,
     )
     values.update(overrides)
