@@ -1,0 +1,254 @@
+"""Normalised examples to token ids, loss masks and padded batches.
+
+The prompt is rendered with the chat template and a generation prompt, the
+whole conversation without one, and the completion is what the second adds to
+the first. Templates that render a message differently once another follows
+it (e.g. dropping earlier reasoning) break that split, so it is checked.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlxpost.errors import UserError
+
+TEMPLATE_MODES = ("fixed", "random")
+ON_TOO_LONG = ("drop", "truncate")
+# Plain-text prompt formats of the "random" mode: varying the format per example
+# keeps instruction tuning from tying the model to one template.
+PLAIN_FORMATS = (
+    "### Instruction:\n{prompt}\n\n### Response:\n",
+    "Q: {prompt}\nA: ",
+    "User: {prompt}\nAssistant: ",
+    "{prompt}\n\n",
+    "Question: {prompt}\nAnswer: ",
+)
+
+
+@dataclass
+class TokenizeConfig:
+    max_length: int | None = field(
+        default=None, metadata={"help": "Most tokens per sequence; None: no limit."}
+    )
+    on_too_long: str = field(
+        default="drop",
+        metadata={
+            "help": "drop: skip longer examples; truncate: cut the completion's end "
+            "(examples whose prompt alone is too long are still dropped)."
+        },
+    )
+    template: str = field(
+        default="fixed",
+        metadata={
+            "help": "fixed: the tokenizer's chat template; random: a plain-text prompt format "
+            "drawn per example from PLAIN_FORMATS."
+        },
+    )
+    completion_only: bool = field(
+        default=True,
+        metadata={"help": "Loss on completion tokens only; False: on every token but the first."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random template choice."})
+
+    def __post_init__(self):
+        if self.template not in TEMPLATE_MODES:
+            raise UserError(f"unknown template mode {self.template!r}; choose fixed or random")
+        if self.on_too_long not in ON_TOO_LONG:
+            raise UserError(f"unknown on_too_long {self.on_too_long!r}; choose drop or truncate")
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int] = field(metadata={"help": "Prompt then completion token ids."})
+    loss_mask: list[int] = field(metadata={"help": "1 where the token counts in the loss."})
+    prompt_length: int = field(metadata={"help": "How many leading ids are the prompt."})
+    index: int = field(default=0, metadata={"help": "Position of the source example."})
+    truncated: bool = field(default=False, metadata={"help": "The completion was cut."})
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+class ChatEncoder:
+    """Encodes examples with one tokenizer and template mode (see TokenizeConfig)."""
+
+    def __init__(self, tokenizer, config: TokenizeConfig | None = None):
+        self.tokenizer = tokenizer
+        self.config = config or TokenizeConfig()
+        self.eos_id = tokenizer.eos_token_id
+        self.use_template = self.config.template == "fixed" and has_chat_template(tokenizer)
+        if self.config.template == "fixed" and not self.use_template:
+            warnings.warn(
+                "the tokenizer has no chat template: prompts are rendered as plain "
+                "'prompt\\n' + completion, with EOS appended",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def plain_prompt(self, messages: list[dict], index: int) -> str:
+        body = "\n\n".join(message["content"] for message in messages)
+        if self.config.template == "random":
+            # Seeded per example, so the choice does not depend on filtering or order.
+            rng = random.Random(f"{self.config.seed}:{index}")
+            return rng.choice(PLAIN_FORMATS).replace("{prompt}", body)
+        return body + "\n"
+
+    def with_eos(self, ids: list[int]) -> list[int]:
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            return ids + [self.eos_id]
+        return ids
+
+    def prompt_ids(self, prompt_messages: list[dict], index: int = 0) -> list[int]:
+        if self.use_template:
+            return self.ids(self.render(prompt_messages, add_generation_prompt=True))
+        return self.ids(self.plain_prompt(prompt_messages, index))
+
+    def split(self, prompt_messages, completion_messages, index: int = 0):
+        """(prompt ids, completion ids) of one prompt and completion."""
+        if not self.use_template:
+            completion = "\n".join(message["content"] for message in completion_messages)
+            return self.prompt_ids(prompt_messages, index), self.with_eos(self.ids(completion))
+        prompt = self.prompt_ids(prompt_messages, index)
+        full = self.ids(self.render(prompt_messages + completion_messages, False))
+        if full[: len(prompt)] != prompt:
+            raise UserError(
+                f"example {index}: the chat template renders the prompt differently when a "
+                "completion follows it, so the completion tokens cannot be located; "
+                "use template mode 'random' or a template whose prompt is a prefix of the "
+                "whole conversation"
+            )
+        return prompt, full[len(prompt) :]
+
+    def encode(self, example, index: int = 0) -> TokenizedExample:
+        """A ChatExample or UnpairedExample as ids and a loss mask."""
+        if getattr(example, "text", None) is not None:
+            ids = self.with_eos(self.ids(example.text))
+            return TokenizedExample(ids, [0] + [1] * (len(ids) - 1), 0, index)
+        prompt, completion = self.split(example.prompt_messages, example.completion_messages, index)
+        return self.join(prompt, completion, index)
+
+    def join(self, prompt: list[int], completion: list[int], index: int) -> TokenizedExample:
+        ids = prompt + completion
+        if self.config.completion_only:
+            mask = [0] * len(prompt) + [1] * len(completion)
+        else:
+            mask = [0] + [1] * (len(ids) - 1)
+        return TokenizedExample(ids, mask, len(prompt), index)
+
+    def encode_pair(self, example, index: int = 0):
+        """(chosen, rejected) TokenizedExamples of a PreferenceExample."""
+        prompt, chosen = self.split(example.prompt_messages, example.chosen_messages, index)
+        _, rejected = self.split(example.prompt_messages, example.rejected_messages, index)
+        return self.join(prompt, chosen, index), self.join(prompt, rejected, index)
+
+    def encode_prompt(self, example, index: int = 0) -> TokenizedExample:
+        """A PromptExample's prompt ids (nothing to learn from: the mask is all 0)."""
+        ids = self.prompt_ids(example.prompt_messages, index)
+        return TokenizedExample(ids, [0] * len(ids), len(ids), index)
+
+
+def fit_length(example: TokenizedExample, max_length: int | None, on_too_long: str):
+    """(example or None, what happened: None, 'truncated', 'dropped_too_long' or
+    'dropped_prompt_too_long')."""
+    if max_length is None or len(example.input_ids) <= max_length:
+        return example, None
+    if on_too_long == "drop":
+        return None, "dropped_too_long"
+    if example.prompt_length >= max_length:
+        return None, "dropped_prompt_too_long"  # nothing of the completion would be left
+    cut = TokenizedExample(
+        example.input_ids[:max_length],
+        example.loss_mask[:max_length],
+        example.prompt_length,
+        example.index,
+        truncated=True,
+    )
+    return cut, "truncated"
+
+
+def limit_lengths(items, config: TokenizeConfig):
+    """(kept, length report) of TokenizedExamples or (chosen, rejected) pairs under
+    config.max_length; a pair is truncated or dropped as a whole."""
+    report = {
+        "total": len(items),
+        "kept": 0,
+        "truncated": 0,
+        "dropped_too_long": 0,
+        "dropped_prompt_too_long": 0,
+        "max_length": config.max_length,
+        "on_too_long": config.on_too_long,
+    }
+    kept = []
+    for item in items:
+        sides = item if isinstance(item, tuple) else (item,)
+        fitted = [fit_length(side, config.max_length, config.on_too_long) for side in sides]
+        events = {event for _, event in fitted if event}
+        dropped = sorted(e for e in events if e.startswith("dropped"))
+        if dropped:
+            report[dropped[0]] += 1
+            continue
+        if events:
+            report["truncated"] += 1
+        sides = tuple(side for side, _ in fitted)
+        kept.append(sides if isinstance(item, tuple) else sides[0])
+    report["kept"] = len(kept)
+    return kept, report
+
+
+def tokenize_examples(examples, tokenizer, config: TokenizeConfig | None = None):
+    """(TokenizedExamples, length report) of ChatExamples, UnpairedExamples or PromptExamples."""
+    config = config or TokenizeConfig()
+    encoder = ChatEncoder(tokenizer, config)
+    encoded = []
+    for index, example in enumerate(examples):
+        if hasattr(example, "extras"):
+            encoded.append(encoder.encode_prompt(example, index))
+        else:
+            encoded.append(encoder.encode(example, index))
+    return limit_lengths(encoded, config)
+
+
+def tokenize_preferences(examples, tokenizer, config: TokenizeConfig | None = None):
+    """([(chosen, rejected)], length report) of PreferenceExamples."""
+    config = config or TokenizeConfig()
+    encoder = ChatEncoder(tokenizer, config)
+    pairs = [encoder.encode_pair(example, index) for index, example in enumerate(examples)]
+    return limit_lengths(pairs, config)
+
+
+def pad_batch(sequences, pad_id: int, side: str = "right", length: int | None = None):
+    """(ids, attention_mask): int32 (B, T) arrays, T the longest row (or `length`)."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = max((len(s) for s in sequences), default=0) if length is None else length
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
+    attention = np.zeros((len(sequences), width), dtype=np.int32)
+    for row, sequence in enumerate(sequences):
+        if len(sequence) > width:
+            raise ValueError(f"row {row} has {len(sequence)} tokens, more than length {width}")
+        if not len(sequence):
+            continue
+        columns = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), None)
+        ids[row, columns] = sequence
+        attention[row, columns] = 1
+    return ids, attention
+
+
+def pad_masks(masks, side: str = "right", length: int | None = None) -> np.ndarray:
+    """0/1 masks (e.g. loss masks) padded with 0 like pad_batch pads their ids."""
+    return pad_batch(masks, 0, side, length)[0]
