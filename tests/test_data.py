@@ -638,7 +638,7 @@ def test_check_dataset_tokenizes_every_format(
 
 
 def test_cli_commands_match_the_library():
-    from mlxpost.cli import DATA_COMMANDS
+    from mlxpost.commands.data import DATA_COMMANDS
 
     assert sorted(DATA_COMMANDS) == sorted(COMMANDS)
 

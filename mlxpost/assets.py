@@ -1,0 +1,22 @@
+"""The bundled default model and datasets, shipped inside the package."""
+
+from __future__ import annotations
+
+import os
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DATA = os.path.join(ASSETS, "data")
+DEFAULT_MODEL = os.path.join(ASSETS, "model")
+
+# The default --data of each command (held-out splits for evaluation).
+DEFAULT_DATA = {
+    "eval-math": os.path.join(DATA, "math", "test.jsonl"),
+}
+
+
+def default_model() -> str:
+    return DEFAULT_MODEL
+
+
+def default_data(command: str) -> str:
+    return DEFAULT_DATA[command]

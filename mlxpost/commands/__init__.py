@@ -1,0 +1,44 @@
+"""Pieces every command shares: error exits, JSON output, backend and model loading."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import click
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def json_safe(value):
+    """JSON has no inf/nan: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+BACKENDS = ("auto", "mlx", "torch")
+
+
+def load_model_and_tokenizer(backend_name: str, model_path: str, adapter: str | None, dtype: str):
+    """Validate paths, then import the backend and load model, adapter and tokenizer."""
+    from mlxpost.adapters import load_adapter
+    from mlxpost.backend import get_backend
+    from mlxpost.checkpoint import read_config
+    from mlxpost.tokenizer import load_tokenizer
+
+    read_config(model_path)
+    if adapter:
+        load_adapter(adapter)
+    backend = get_backend(backend_name)
+    model = backend.load_model(model_path, dtype)
+    if adapter:
+        backend.load_adapter(model, adapter)
+    return backend, model, load_tokenizer(model_path)

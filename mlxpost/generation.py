@@ -1,0 +1,66 @@
+"""Prompt encoding and batched generation on any backend, with a progress bar."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from mlxpost.backend import Backend, Samples, SamplingConfig
+from mlxpost.tokenizer import TokenizerInfo
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending in the assistant's generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:  # no template: the plain concatenation the data pipeline also falls back to
+        text = "\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Generations:
+    samples: list[Samples]  # one per batch, in the order the prompts were given per batch
+    order: np.ndarray  # prompt indices in batch order
+    texts: list[str]  # decoded completions, aligned with the caller's prompts (n per prompt)
+    lengths: np.ndarray  # completion tokens per text
+    finished: np.ndarray  # stopped at EOS (not truncated)
+
+
+def generate(
+    backend: Backend,
+    model,
+    info: TokenizerInfo,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    batch_size: int = 64,
+    seed: int = 0,
+    desc: str = "generating",
+) -> Generations:
+    """Sample cfg.n completions per prompt; prompts are batched by length to limit padding."""
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    count = len(prompts) * cfg.n
+    texts: list[str] = [""] * count
+    lengths = np.zeros(count, np.int32)
+    finished = np.zeros(count, bool)
+    all_samples = []
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False) as bar:
+        for start in range(0, len(prompts), batch_size):
+            chunk = order[start : start + batch_size]
+            samples = backend.sample(
+                model, [prompts[i] for i in chunk], cfg, info.eos_ids, info.pad_id, seed + start
+            )
+            all_samples.append(samples)
+            for row in range(samples.completion_ids.shape[0]):
+                target = chunk[samples.prompt_index[row]] * cfg.n + row % cfg.n
+                live = samples.completion_mask[row] == 1
+                tokens = samples.completion_ids[row][live].tolist()
+                texts[target] = info.tokenizer.decode(tokens, skip_special_tokens=True)
+                lengths[target] = len(tokens)
+                finished[target] = samples.finished[row]
+            bar.update(len(chunk))
+    return Generations(all_samples, order, texts, lengths, finished)
