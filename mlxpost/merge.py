@@ -1,0 +1,399 @@
+"""Fold LoRA adapters into a checkpoint (`mlxpost merge`) and average models (`mlxpost soup`).
+
+Backend-independent: the arithmetic is numpy in float64, the result is cast back to each
+weight's own dtype, and the output keeps the base checkpoint's key names (with or without
+`transformer.` / `model.`), so whatever loaded the base loads the result.
+
+Adapter soups come in two kinds. `factors` averages lora_A and lora_B separately and writes
+an adapter; since (Σ wᵢBᵢ)(Σ wⱼAⱼ) ≠ Σ wᵢBᵢAᵢ this is not the average of the updates, only a
+good approximation when the adapters started from the same initialisation (mlxpost's seeded
+init gives the same A for the same seed) and stayed close. `update` is exact: it folds
+Σ wᵢ·ΔWᵢ, with ΔWᵢ = αᵢ/rᵢ·BᵢAᵢ, into a base checkpoint, so ranks and targets may differ.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mlxpost.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, load_adapter
+from mlxpost.checkpoint import read_config
+from mlxpost.errors import UserError
+
+SOUP_MODES = ("factors", "update")
+MERGED_FILE = "model.safetensors"
+# Where each architecture's transformers model keeps its body; checkpoints may omit it.
+BODY_PREFIXES = {"gpt2": "transformer.", "gemma2": "model."}
+# GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear. Decided
+# by name, not shape: c_proj is square, and an adapter's fan_in_fan_out is one flag for all
+# its modules.
+GPT2_CONV1D = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# Files a checkpoint directory holds weights in; every other top-level file is copied (the
+# tokenizer's file set varies by model, and licence terms must travel with derivatives).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHT_INDEX_SUFFIX = ".index.json"
+
+
+# --------------------------------------------------------------------------- tensor I/O
+
+
+class _TorchIO:
+    @staticmethod
+    def open(path: str):
+        """key -> tensor getter of one safetensors file, reading each tensor on demand."""
+        return safe_open(path, framework="pt").get_tensor
+
+    @staticmethod
+    def to_numpy(tensor) -> np.ndarray:
+        import torch
+
+        return tensor.to(torch.float64).numpy()
+
+    @staticmethod
+    def from_numpy(array: np.ndarray, like):
+        import torch
+
+        return torch.from_numpy(array).to(like.dtype)
+
+    @staticmethod
+    def is_float(tensor) -> bool:
+        return tensor.is_floating_point()
+
+    @staticmethod
+    def save(tensors: dict, path: str) -> None:
+        from safetensors.torch import save_file as save_torch
+
+        save_torch(tensors, path, metadata={"format": "pt"})
+
+
+class _MlxIO:
+    @staticmethod
+    def open(path: str):
+        import mlx.core as mx
+
+        # Not safetensors' mlx loader: it goes through numpy, which has no bfloat16.
+        return mx.load(path).__getitem__
+
+    @staticmethod
+    def to_numpy(tensor) -> np.ndarray:
+        import mlx.core as mx
+
+        # float32 holds bfloat16/float16 exactly; mlx has no float64 on every device.
+        return np.array(tensor.astype(mx.float32), dtype=np.float64)
+
+    @staticmethod
+    def from_numpy(array: np.ndarray, like):
+        import mlx.core as mx
+
+        return mx.array(array.astype(np.float32)).astype(like.dtype)
+
+    @staticmethod
+    def is_float(tensor) -> bool:
+        import mlx.core as mx
+
+        return mx.issubdtype(tensor.dtype, mx.floating)
+
+    @staticmethod
+    def save(tensors: dict, path: str) -> None:
+        import mlx.core as mx
+
+        mx.save_safetensors(path, tensors, metadata={"format": "pt"})
+
+
+def tensor_io():
+    """torch if installed, else mlx: numpy cannot hold bfloat16, the dtype of most checkpoints.
+
+    Tensors stay in the framework's type; only those an update or average touches go through
+    numpy, so every other tensor is written back bit for bit.
+    """
+    if importlib.util.find_spec("torch") is not None:
+        return _TorchIO
+    if importlib.util.find_spec("mlx") is not None:
+        return _MlxIO
+    raise UserError("merging needs torch or mlx to read checkpoints; install one of them")
+
+
+class _Checkpoint:
+    """A checkpoint directory's tensors (every shard), read when asked for."""
+
+    def __init__(self, directory: str, io):
+        self.io = io
+        self.files: dict[str, str] = {}  # key -> shard
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._shards: dict = {}  # shard -> key -> tensor getter, opened on first use
+        for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+            # The header alone gives names and shapes, whatever the dtype.
+            with safe_open(path, framework="numpy") as f:
+                for key in f.keys():
+                    self.files[key] = path
+                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+
+    def get(self, key: str):
+        path = self.files[key]
+        if path not in self._shards:
+            self._shards[path] = self.io.open(path)
+        return self._shards[path](key)
+
+
+# --------------------------------------------------------------------------- output
+
+
+@contextmanager
+def _output_dir(output_dir: str, force: bool) -> Iterator[str]:
+    """Yield a fresh directory beside `output_dir`; it becomes `output_dir` only on success."""
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise UserError(f"{output_dir}: exists and is not a directory")
+        if os.listdir(output_dir) and not force:
+            raise UserError(f"{output_dir}: exists and is not empty; pass --force to replace it")
+    target = os.path.abspath(output_dir)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if os.path.exists(target):
+            old = f"{tmp}.old"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_non_weight_files(source: str, destination: str) -> None:
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        stem = name.removesuffix(WEIGHT_INDEX_SUFFIX)
+        if os.path.isfile(path) and not stem.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, os.path.join(destination, name))
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _load_lora(adapter_dir: str):
+    """(config, {module path: (A, B)}) of an adapter whose update is alpha/r·B@A everywhere."""
+    cfg, weights = load_adapter(adapter_dir)
+    weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
+    with open(os.path.join(adapter_dir, CONFIG_FILE)) as f:
+        config = json.load(f)
+    # Per-module alpha changes the scale silently; per-module rank is caught by shape below.
+    if config.get("alpha_pattern"):
+        raise UserError(f"{adapter_dir}/{CONFIG_FILE}: alpha_pattern is not supported")
+    modules = {}
+    for name in weights:
+        module, _, kind = name.rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight"):
+            raise UserError(f"{weights_path}: unsupported tensor {name!r} (only LoRA A/B weights)")
+        a, b = (weights.get(f"{module}.lora_{part}.weight") for part in "AB")
+        if a is None or b is None:
+            raise UserError(f"{weights_path}: {module} needs both lora_A and lora_B")
+        if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
+            raise UserError(
+                f"{weights_path}: {module} has lora_A {a.shape} and lora_B {b.shape}, "
+                f"expected rank r={cfg.rank} (per-module ranks are not supported)"
+            )
+        modules[module] = (a, b)
+    return cfg, modules
+
+
+def _checkpoint_key(module: str, arch: str, shapes: dict) -> str | None:
+    """The checkpoint's weight key for an adapter module path, in either key layout."""
+    prefix = BODY_PREFIXES[arch]
+    body_path = module.removeprefix(prefix)
+    for candidate in (f"{prefix}{body_path}.weight", f"{body_path}.weight"):
+        if candidate in shapes:
+            return candidate
+    return None
+
+
+def _fold(model_dir: str, adapters: list[tuple[float, str]], output_dir: str, force: bool) -> str:
+    """Write model_dir with Σ weight·ΔW of each (weight, adapter directory) added."""
+    arch = read_config(model_dir)["model_type"]
+    io = tensor_io()
+    base = _Checkpoint(model_dir, io)
+    # Checkpoint key -> [(factor, A, B, transpose)]; updates are built one tensor at a time.
+    updates: dict[str, list] = {}
+    for weight, adapter_dir in adapters:
+        cfg, modules = _load_lora(adapter_dir)
+        for module, (a, b) in modules.items():
+            key = _checkpoint_key(module, arch, base.shapes)
+            if key is None:
+                raise UserError(
+                    f"{adapter_dir}: module {module} has no weight in {model_dir} "
+                    f"(looked for {module}.weight with and without {BODY_PREFIXES[arch]!r})"
+                )
+            transpose = arch == "gpt2" and module.rsplit(".", 1)[-1] in GPT2_CONV1D
+            shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+            if base.shapes[key] != shape:
+                raise UserError(
+                    f"{adapter_dir}: update of {module} has shape {shape}, but {key} in "
+                    f"{model_dir} has shape {base.shapes[key]}"
+                )
+            updates.setdefault(key, []).append((weight * cfg.scale, a, b, transpose))
+
+    with _output_dir(output_dir, force) as tmp:
+        tensors = {}
+        for key in base.files:
+            tensor = base.get(key)
+            if key in updates:
+                value = io.to_numpy(tensor)
+                for factor, a, b, transpose in updates[key]:
+                    delta = factor * (b.astype(np.float64) @ a.astype(np.float64))
+                    value += delta.T if transpose else delta
+                tensor = io.from_numpy(value, like=tensor)
+            tensors[key] = tensor
+        io.save(tensors, os.path.join(tmp, MERGED_FILE))
+        _copy_non_weight_files(model_dir, tmp)
+    return output_dir
+
+
+def merge_adapter(model_dir: str, adapter_dir: str, output_dir: str, force: bool = False) -> str:
+    """Write `output_dir`: the checkpoint `model_dir` with the LoRA adapter folded in.
+
+    W' = W + lora_alpha/r · B @ A (transposed for GPT-2's Conv1D), in float64, cast back to
+    W's dtype. All shards become one model.safetensors; non-weight files are copied.
+    """
+    return _fold(model_dir, [(1.0, adapter_dir)], output_dir, force)
+
+
+# --------------------------------------------------------------------------- soups
+
+
+def normalise_weights(weights: list[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    if len(weights) != count:
+        raise UserError(f"--weights has {len(weights)} values for {count} inputs")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--weights must be non-negative with a positive sum, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _input_kind(path: str) -> str:
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: directory not found")
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return "adapter"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "checkpoint"
+    raise UserError(f"{path}: neither an adapter ({CONFIG_FILE}) nor a checkpoint (config.json)")
+
+
+def soup(
+    inputs: list[str],
+    output_dir: str,
+    weights: list[float] | None = None,
+    mode: str | None = None,
+    model_dir: str | None = None,
+    force: bool = False,
+) -> str:
+    """Weighted average of adapters or of full checkpoints, written to `output_dir`.
+
+    Adapters: mode `factors` (default) averages lora_A and lora_B and writes an adapter (same
+    modules, rank and alpha required); mode `update` needs `model_dir` and writes it with the
+    average update folded in. Checkpoints (same keys and shapes): every floating tensor is
+    averaged, in the first checkpoint's dtype; its non-weight files are copied.
+    """
+    if len(inputs) < 2:
+        raise UserError("a soup needs at least two inputs")
+    weights = normalise_weights(weights, len(inputs))
+    kinds = {path: _input_kind(path) for path in inputs}
+    if len(set(kinds.values())) > 1:
+        adapter = next(p for p, k in kinds.items() if k == "adapter")
+        checkpoint = next(p for p, k in kinds.items() if k == "checkpoint")
+        raise UserError(f"cannot mix adapters ({adapter}) and checkpoints ({checkpoint})")
+    if kinds[inputs[0]] == "checkpoint":
+        if mode is not None or model_dir is not None:
+            raise UserError("--mode and --model apply to adapter soups only")
+        return _checkpoint_soup(inputs, weights, output_dir, force)
+    mode = mode or "factors"
+    if mode not in SOUP_MODES:
+        raise UserError(f"unknown soup mode {mode!r}; choose from {', '.join(SOUP_MODES)}")
+    if mode == "update":
+        if model_dir is None:
+            raise UserError("--mode update needs --model, the base checkpoint to fold into")
+        return _fold(model_dir, list(zip(weights, inputs)), output_dir, force)
+    if model_dir is not None:
+        raise UserError("--model is used by --mode update only")
+    return _factor_soup(inputs, weights, output_dir, force)
+
+
+def _factor_soup(inputs: list[str], weights: list[float], output_dir: str, force: bool) -> str:
+    first, (cfg, modules) = inputs[0], _load_lora(inputs[0])
+    loaded = [modules]
+    for path in inputs[1:]:
+        other_cfg, other = _load_lora(path)
+        for field in ("rank", "alpha"):
+            mine, theirs = getattr(cfg, field), getattr(other_cfg, field)
+            if mine != theirs:
+                raise UserError(
+                    f"{path}: {field} {theirs} differs from {first}: {field} {mine}; "
+                    "use --mode update --model BASE to average the updates instead"
+                )
+        if set(other) != set(modules):
+            differ = sorted(set(other) ^ set(modules))
+            raise UserError(f"{path}: target modules differ from {first}'s: {differ[:3]}")
+        for module, (a, b) in other.items():
+            if (a.shape, b.shape) != tuple(x.shape for x in modules[module]):
+                raise UserError(
+                    f"{path}: {module} has lora_A {a.shape}, lora_B {b.shape}; {first} has "
+                    f"{modules[module][0].shape}, {modules[module][1].shape}"
+                )
+        loaded.append(other)
+    tensors = {}
+    for module in modules:
+        for part, index in (("A", 0), ("B", 1)):
+            total = sum(w * m[module][index].astype(np.float64) for w, m in zip(weights, loaded))
+            tensors[f"{PEFT_PREFIX}{module}.lora_{part}.weight"] = total.astype(np.float32)
+    with _output_dir(output_dir, force) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        shutil.copy2(os.path.join(first, CONFIG_FILE), os.path.join(tmp, CONFIG_FILE))
+    return output_dir
+
+
+def _checkpoint_soup(inputs: list[str], weights: list[float], output_dir: str, force: bool) -> str:
+    io = tensor_io()
+    first = inputs[0]
+    arch = read_config(first)["model_type"]
+    checkpoints = [_Checkpoint(first, io)]
+    for path in inputs[1:]:
+        other_arch = read_config(path)["model_type"]
+        if other_arch != arch:
+            raise UserError(f"{path}: model_type {other_arch} differs from {first}: {arch}")
+        other = _Checkpoint(path, io)
+        if other.shapes != checkpoints[0].shapes:
+            keys = set(other.shapes) ^ set(checkpoints[0].shapes)
+            shapes = [k for k in other.shapes if other.shapes[k] != checkpoints[0].shapes.get(k)]
+            raise UserError(
+                f"{path}: tensors differ from {first}'s: keys {sorted(keys)[:3]}, "
+                f"shapes {sorted(shapes)[:3]}"
+            )
+        checkpoints.append(other)
+    with _output_dir(output_dir, force) as tmp:
+        tensors = {}
+        for key in checkpoints[0].files:
+            tensor = checkpoints[0].get(key)
+            if io.is_float(tensor):
+                total = sum(w * io.to_numpy(c.get(key)) for w, c in zip(weights, checkpoints))
+                tensor = io.from_numpy(total, like=tensor)
+            tensors[key] = tensor  # integer buffers are taken from the first checkpoint
+        io.save(tensors, os.path.join(tmp, MERGED_FILE))
+        _copy_non_weight_files(first, tmp)
+    return output_dir
