@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from mlxpost.answers import extract_answer, normalise_number
 from mlxpost.backend import Backend, SamplingConfig
+from mlxpost.errors import UserError
 from mlxpost.generation import encode_prompt, generate
 from mlxpost.tokenizer import TokenizerInfo
 
@@ -83,5 +86,177 @@ def evaluate_math(
             "gold": ex.gold,
         }
         for ex, text, p in list(zip(examples, out.texts, predicted))[:3]
+    ]
+    return report
+
+
+@dataclass
+class PerplexityConfig:
+    batch_size: int = field(default=8, metadata={"help": "Sequences scored together."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per sequence at most (longer ones are cut); None: no limit."},
+    )
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence a checkpoint's position embeddings allow, if it says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if config.get(key):
+            return int(config[key])
+    return None
+
+
+def lm_examples(path: str, limit: int | None = None) -> list:
+    """Texts (`text` column) or prompt/completion pairs (any SFT format) to score."""
+    from mlxpost.data import load_examples
+
+    _, examples = load_examples(path, "sft")
+    return examples[:limit] if limit else examples
+
+
+def tokenize_for_perplexity(examples: list, tokenizer, max_length: int | None):
+    """(TokenizedExamples, length report): a text counts every token but the first (nothing
+    predicts it), a conversation its completion only, as SFT trains on them."""
+    from mlxpost.data import TokenizeConfig, tokenize_examples
+
+    config = TokenizeConfig(max_length=max_length, on_too_long="truncate", completion_only=True)
+    return tokenize_examples(examples, tokenizer, config)
+
+
+def scored_nll(backend: Backend, model, tokenized: list, pad_id: int, batch_size: int):
+    """(summed NLL, counted tokens) over the loss masks, in length-sorted batches."""
+    from mlxpost.data import pad_batch, pad_masks
+    from mlxpost.functional import prediction_mask
+
+    # Sorting by length keeps padding, hence wasted compute, small.
+    order = np.argsort([len(t.input_ids) for t in tokenized], kind="stable")
+    total, count = 0.0, 0
+    with tqdm(
+        total=len(order), desc="eval perplexity", unit="seq", file=sys.stderr, leave=False
+    ) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [tokenized[i] for i in order[start : start + batch_size]]
+            ids, attention = pad_batch([t.input_ids for t in chunk], pad_id)
+            mask = pad_masks([t.loss_mask for t in chunk]) * prediction_mask(attention)
+            logprobs = backend.logprobs(model, ids, attention)
+            total -= float(np.sum(logprobs.astype(np.float64) * mask))
+            count += int(mask.sum())
+            bar.update(len(chunk))
+    return total, count
+
+
+def evaluate_perplexity(
+    backend: Backend, model, info: TokenizerInfo, examples: list, cfg: PerplexityConfig
+) -> dict:
+    """exp of the token-weighted mean NLL: every counted token weighs the same, so long
+    examples count more than short ones."""
+    tokenized, lengths = tokenize_for_perplexity(examples, info.tokenizer, cfg.max_length)
+    total, count = scored_nll(backend, model, tokenized, info.pad_id, cfg.batch_size)
+    if not count:
+        raise UserError("no tokens to score: every example was dropped or has an empty completion")
+    nll = total / count
+    return {
+        "task": "perplexity",
+        "n": len(tokenized),
+        "tokens": count,
+        "nll": nll,
+        "perplexity": float(np.exp(nll)),
+        "truncated": lengths["truncated"],
+        "dropped": lengths["dropped_prompt_too_long"],
+        "max_length": cfg.max_length,
+    }
+
+
+# A generation whose 4-grams repeat more often than this is stuck in a loop.
+LOOP_REPEAT_RATE = 0.3
+
+
+@dataclass
+class RepetitionConfig:
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Tokens generated per prompt at most."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (1: the model's own distribution)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
+    top_k: int = field(default=0, metadata={"help": "Top-k when sampling (0: off)."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts generated together."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+
+def prompt_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
+    """The prompt messages of an SFT dataset (its completions are not used)."""
+    from mlxpost.data import load_examples
+
+    _, examples = load_examples(path, "sft")
+    prompts = [ex.prompt_messages for ex in examples if ex.prompt_messages]
+    if not prompts:
+        raise UserError(f"{path}: no prompts (plain `text` rows have none to generate from)")
+    return prompts[:limit] if limit else prompts
+
+
+def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repeat_rate(words: list[str], n: int) -> float:
+    """Share of a text's n-grams that repeat an earlier one, (total - unique) / total (rep-n of
+    Welleck et al., 2019); 0 for a text shorter than n."""
+    grams = ngrams(words, n)
+    # Not 1 - unique / total: in floats that makes 3 repeats of 10 exceed a 0.3 threshold.
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
+
+
+def distinct(texts_words: list[list[str]], n: int) -> float:
+    """Unique n-grams / all n-grams, pooled over every text (Li et al., 2016)."""
+    grams = [gram for words in texts_words for gram in ngrams(words, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_metrics(texts: list[str]) -> dict:
+    """Diversity and loop figures of generated texts, on whitespace-separated words.
+
+    distinct_1/2: unique / total uni- and bigrams over all texts (higher: more varied).
+    repeated_3gram_rate: mean over texts of the share of repeated 3-grams (lower is better).
+    non_repetition: share of texts NOT stuck in a loop, a loop being a repeated-4-gram rate
+    above LOOP_REPEAT_RATE (1: no text loops).
+    """
+    words = [text.split() for text in texts]
+    looping = [repeat_rate(w, 4) > LOOP_REPEAT_RATE for w in words]
+    return {
+        "distinct_1": distinct(words, 1),
+        "distinct_2": distinct(words, 2),
+        "repeated_3gram_rate": float(np.mean([repeat_rate(w, 3) for w in words])) if words else 0.0,
+        "non_repetition": 1.0 - float(np.mean(looping)) if words else 0.0,
+        "mean_words": float(np.mean([len(w) for w in words])) if words else 0.0,
+    }
+
+
+def evaluate_repetition(
+    backend: Backend,
+    model,
+    info: TokenizerInfo,
+    prompts: list[list[dict]],
+    cfg: RepetitionConfig,
+) -> dict:
+    """Sample one completion per prompt and measure how varied and loop-free they are."""
+    encoded = [encode_prompt(info.tokenizer, messages) for messages in prompts]
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+    )
+    out = generate(
+        backend, model, info, encoded, sampling, cfg.batch_size, cfg.seed, desc="eval repetition"
+    )
+    report = {"task": "repetition", "n": len(prompts), **repetition_metrics(out.texts)}
+    report["mean_completion_tokens"] = float(out.lengths.mean()) if prompts else 0.0
+    report["truncated"] = float(np.mean(~out.finished)) if prompts else 0.0
+    report["samples"] = [
+        {"prompt": messages[-1]["content"], "completion": text}
+        for messages, text in list(zip(prompts, out.texts))[:3]
     ]
     return report
