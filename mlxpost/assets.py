@@ -11,6 +11,9 @@ DEFAULT_MODEL = os.path.join(ASSETS, "model")
 # The default --data of each command (held-out splits for evaluation).
 DEFAULT_DATA = {
     "eval-math": os.path.join(DATA, "math", "test.jsonl"),
+    "sft": os.path.join(DATA, "math", "train.jsonl"),
+    "sft-eval": os.path.join(DATA, "math", "test.jsonl"),
+    "text-eval": os.path.join(DATA, "text", "test.jsonl"),
 }
 
 

@@ -33,3 +33,11 @@ def read_config(path: str) -> dict:
     if not any(name.endswith(".safetensors") for name in os.listdir(path)):
         raise UserError(f"{path}: no *.safetensors weights found")
     return config
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model's positions cover (None: not stated)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if config.get(key):
+            return int(config[key])
+    return None

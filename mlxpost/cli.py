@@ -13,7 +13,10 @@ from mlxpost.backend import BackendUnavailable
 from mlxpost.commands import fail
 from mlxpost.commands.data import data
 from mlxpost.commands.evaluate import evaluate
+from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
+from mlxpost.commands.plot import plot
+from mlxpost.commands.train import sft
 from mlxpost.errors import UserError
 
 
@@ -40,7 +43,7 @@ def main():
     """
 
 
-for command in (parity, evaluate, data):
+for command in (sft, parity, evaluate, data, merge, soup, plot):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ def token_entropy(ops, logits, temperature: float = 1.0):
     return ops.concatenate([ops.zeros((entropy.shape[0], 1)), entropy], axis=1)
 
 
+def token_kl(ops, logits, other_logits, temperature: float = 1.0):
+    """KL(p || q) between the next-token distributions of two models at every position,
+    summed over the vocabulary, aligned like logprobs (p from `logits`, q from `other_logits`)."""
+    log_p = ops.log_softmax(ops.float32(logits[:, :-1, :]) / temperature, axis=-1)  # (B, T-1, V)
+    log_q = ops.log_softmax(ops.float32(other_logits[:, :-1, :]) / temperature, axis=-1)
+    kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)  # (B, T-1)
+    return ops.concatenate([ops.zeros((kl.shape[0], 1)), kl], axis=1)
+
+
 def masked_sum(ops, values, mask, axis=None):
     return ops.sum(values * ops.float32(mask), axis=axis)
 

@@ -22,6 +22,20 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     return ids, mask
 
 
+def new_token_budget(config: dict, prompt_width: int, requested: int) -> int:
+    """max_new_tokens, cut so prompt + completion stays within the model's positions."""
+    from mlxpost.checkpoint import max_positions
+
+    limit = max_positions(config)
+    if limit is None:
+        return requested
+    if prompt_width >= limit:
+        raise ValueError(
+            f"a prompt of {prompt_width} tokens leaves no room in the model's {limit} positions"
+        )
+    return min(requested, limit - prompt_width)
+
+
 def assemble(
     prompt_ids: np.ndarray,
     prompt_mask: np.ndarray,

@@ -583,6 +583,7 @@ def test_reduction_keepdims_without_axis(backend_name, method):
 COVERED_FUNCTIONALS = {
     "token_logprobs",
     "token_entropy",
+    "token_kl",
     "masked_sum",
     "masked_mean",
     "kl_estimate",
@@ -657,6 +658,33 @@ def test_token_entropy(be, kind, temperature):
     ref = oracle_token_entropy(logits, temperature)
     atol = ATOL * logit_scale(logits, temperature)
     assert_close(f"{be.name} token_entropy {kind} T={temperature}", ref, got, atol=atol)
+
+
+def oracle_token_kl(logits, other, temperature):
+    """sum_v p_v (log p_v - log q_v) per position, in float64 loops over rows."""
+    batch, length, _ = logits.shape
+    out = np.zeros((batch, length))
+    for b in range(batch):
+        for t in range(1, length):
+            z_p = logits[b, t - 1].astype(np.float64) / temperature
+            z_q = other[b, t - 1].astype(np.float64) / temperature
+            log_p = z_p - np.log(np.sum(np.exp(z_p - z_p.max()))) - z_p.max()
+            log_q = z_q - np.log(np.sum(np.exp(z_q - z_q.max()))) - z_q.max()
+            out[b, t] = np.sum(np.exp(log_p) * (log_p - log_q))
+    return out
+
+
+@pytest.mark.parametrize("kind,temperature", LOGPROB_CASES)
+def test_token_kl(be, kind, temperature):
+    logits = make_logits(kind)
+    other = (logits + np.random.default_rng(9).normal(0, 2.0, size=logits.shape)).astype(np.float32)
+    got = be.np(F.token_kl(be.ops, be.arr(logits), be.arr(other), temperature=temperature))
+    assert np.all(got[:, 0] == 0.0) and np.all(got >= -1e-5), "KL is non-negative"
+    ref = oracle_token_kl(logits, other, temperature)
+    atol = ATOL * logit_scale(logits, temperature)
+    assert_close(f"{be.name} token_kl {kind} T={temperature}", ref, got, atol=atol)
+    same = be.np(F.token_kl(be.ops, be.arr(logits), be.arr(logits), temperature=temperature))
+    assert_close(f"{be.name} token_kl of a model with itself", np.zeros_like(ref), same, atol=atol)
 
 
 def test_token_entropy_limits(be):

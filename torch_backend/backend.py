@@ -28,6 +28,23 @@ class TorchForward:
     def scores(self, input_ids, attention_mask):
         return modeling.scores(self.model, input_ids, attention_mask)
 
+    def frozen_logits(self, role, input_ids, attention_mask):
+        """Logits of the frozen model attached for `role` ("reference", "teacher"); no gradient.
+        A reference that was not attached is this model with its adapter switched off."""
+        with torch.no_grad():
+            other = self.model.frozen.get(role)
+            if other is not None:
+                return modeling.logits(other, input_ids, attention_mask).float()
+            if role != "reference" or not self.model.lora:
+                raise ValueError(f"no {role} model attached (and no adapter to switch off)")
+            for layer in self.model.lora.values():
+                layer.enabled = False
+            try:
+                return modeling.logits(self.model, input_ids, attention_mask).float()
+            finally:
+                for layer in self.model.lora.values():
+                    layer.enabled = True
+
 
 class TorchBackend:
     name = "torch"
@@ -68,6 +85,12 @@ class TorchBackend:
             param.requires_grad_(False)
         model.lora = lora.attach(model.module, targets, cfg.rank, cfg.scale, cfg.dropout, seed)
         model.lora_cfg, model.lora_targets = cfg, targets
+
+    def attach_frozen(self, model: TorchModel, role: str, other: TorchModel) -> None:
+        """A frozen model (reference, teacher) whose logits losses can ask for."""
+        for param in other.module.parameters():
+            param.requires_grad_(False)
+        model.frozen[role] = other
 
     def set_adapter_enabled(self, model: TorchModel, enabled: bool) -> None:
         for layer in model.lora.values():
@@ -181,6 +204,12 @@ class TorchBackend:
         for p in params.values():
             p.grad = None
         return float(loss.detach()), {k: float(v.detach()) for k, v in metrics.items()}, grads
+
+    @torch.no_grad()
+    def evaluate(self, model: TorchModel, loss_fn, batch: dict) -> tuple[float, dict]:
+        """The loss and metrics of loss_fn without gradients or dropout."""
+        loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
+        return float(loss), {k: float(v) for k, v in metrics.items()}
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
         with self.dropout_on(model):

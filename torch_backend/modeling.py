@@ -28,6 +28,7 @@ class TorchModel:
     lora_cfg: LoraConfig | None = None
     lora_targets: tuple[str, ...] = ()
     score: nn.Linear | None = None
+    frozen: dict = field(default_factory=dict)  # role -> TorchModel (reference, teacher)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}

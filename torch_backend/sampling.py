@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mlxpost.backend import Samples, SamplingConfig
-from mlxpost.sampling import assemble, left_pad
+from mlxpost.sampling import assemble, left_pad, new_token_budget
 from torch_backend.modeling import TorchModel, positions
 
 
@@ -52,6 +52,7 @@ def sample(
     device: torch.device,
 ) -> Samples:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     mask = torch.as_tensor(prompt_mask, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -70,14 +71,14 @@ def sample(
 
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     tokens, logprobs, live = [], [], []
-    for step in range(cfg.max_new_tokens):
+    for step in range(budget):
         token, logp = choose(logits, cfg, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         logprobs.append(logp)
         live.append(~done)
         done = done | torch.isin(token, eos)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        if bool(done.all()) or step == budget - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model.module(

@@ -28,6 +28,26 @@ class MLXForward:
     def scores(self, input_ids, attention_mask):
         return modeling.scores(self.model, input_ids, attention_mask)
 
+    def frozen_logits(self, role, input_ids, attention_mask):
+        """Logits of the frozen model attached for `role` ("reference", "teacher"); no gradient.
+        A reference that was not attached is this model with its adapter switched off."""
+        other = self.model.frozen.get(role)
+        if other is not None:
+            return mx.stop_gradient(
+                modeling.logits(other, input_ids, attention_mask).astype(mx.float32)
+            )
+        if role != "reference" or not self.model.lora:
+            raise ValueError(f"no {role} model attached (and no adapter to switch off)")
+        # Inside a compiled step these switches happen at trace time: the graph holds both passes.
+        for layer in self.model.lora.values():
+            layer.enabled = False
+        try:
+            logits = modeling.logits(self.model, input_ids, attention_mask).astype(mx.float32)
+        finally:
+            for layer in self.model.lora.values():
+                layer.enabled = True
+        return mx.stop_gradient(logits)
+
 
 class MLXBackend:
     name = "mlx"
@@ -69,6 +89,12 @@ class MLXBackend:
         if model.has_score:
             model.module.score.unfreeze()
         model.lora_cfg, model.lora_targets = cfg, targets
+        model.grad_functions.clear()
+
+    def attach_frozen(self, model: MLXModel, role: str, other: MLXModel) -> None:
+        """A frozen model (reference, teacher) whose logits losses can ask for."""
+        other.module.freeze()
+        model.frozen[role] = other
         model.grad_functions.clear()
 
     def set_adapter_enabled(self, model: MLXModel, enabled: bool) -> None:
@@ -171,6 +197,12 @@ class MLXBackend:
                 self.compile,
             )
         return loss, metrics, modeling.to_numpy_params(dict(training.tree_flatten(grads)))
+
+    def evaluate(self, model: MLXModel, loss_fn, batch: dict) -> tuple[float, dict]:
+        """The loss and metrics of loss_fn without gradients or dropout."""
+        loss, metrics = loss_fn(self.ops, MLXForward(model), self.batch_to_arrays(batch))
+        mx.eval(loss, metrics)
+        return loss.item(), {k: float(v) for k, v in metrics.items()}
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
         with self.dropout_on(model):

@@ -30,6 +30,7 @@ class MLXModel:
     lora: dict = field(default_factory=dict)  # module path -> LoRALinear
     lora_cfg: LoraConfig | None = None
     lora_targets: tuple[str, ...] = ()
+    frozen: dict = field(default_factory=dict)  # role -> MLXModel (reference, teacher)
     grad_functions: dict = field(
         default_factory=dict
     )  # compiled value-and-grad per loss (training.py)

@@ -10,7 +10,7 @@ import numpy as np
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.mlx_backend.modeling import MLXModel, positions
 from mlxpost.mlx_backend.models.common import make_cache
-from mlxpost.sampling import assemble, left_pad
+from mlxpost.sampling import assemble, left_pad, new_token_budget
 
 NEG_INF = float("-inf")
 
@@ -56,12 +56,13 @@ def sample(
     seed: int,
 ) -> Samples:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
     ids, mask = mx.array(prompt_ids), mx.array(prompt_mask)
     key = mx.random.key(seed)
     eos = mx.array(list(eos_ids), dtype=mx.int32)
     module = model.module
 
-    cache = make_cache(module, ids.shape[0], ids.shape[1] + cfg.max_new_tokens)
+    cache = make_cache(module, ids.shape[0], ids.shape[1] + budget)
     hidden = module(ids, positions(mask), mask, cache)
     logits = module.lm_logits(hidden[:, -1:, :])[:, 0]  # (B, V)
     next_position = positions(mask)[:, -1] + 1  # (B,)
@@ -73,7 +74,7 @@ def sample(
 
     done = mx.zeros((logits.shape[0],), dtype=mx.bool_)
     tokens, logprobs, live = [], [], []
-    for step in range(cfg.max_new_tokens):
+    for step in range(budget):
         key, step_key = mx.random.split(key)
         token, logp = choose(logits, cfg, step_key)
         token = mx.where(done, pad_id, token)
@@ -82,7 +83,7 @@ def sample(
         live.append(mx.logical_not(done))
         done = mx.logical_or(done, (token[:, None] == eos[None, :]).any(axis=-1))
         mx.eval(done, token, logp)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        if bool(done.all()) or step == budget - 1:
             break
         mask = mx.concatenate([mask, mx.ones_like(mask[:, :1])], axis=1)
         hidden = module(token[:, None], next_position[:, None], mask, cache)

@@ -1,0 +1,1 @@
+"""One module per algorithm: config dataclass, the math, the loop."""

@@ -1,0 +1,136 @@
+"""Supervised data on the training loop: tokenised examples, seeded batches, held-out figures.
+
+Shared by SFT and distillation. Batches are drawn from a per-epoch permutation
+seeded by (seed, epoch), so the batch of step s is a pure function of s and a
+resumed run sees exactly the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlxpost.data import TokenizeConfig, apply_filters, load_examples, tokenize_examples
+from mlxpost.errors import UserError
+from mlxpost.functional import masked_mean, token_kl, token_logprobs
+
+# Sequence widths are rounded up to a multiple of this, so MLX compiles few distinct shapes.
+WIDTH_MULTIPLE = 16
+
+
+def load_tokenized(
+    path: str,
+    command: str,
+    tokenizer,
+    cfg: TokenizeConfig,
+    say,
+    limit: int | None = None,
+    filters: bool = True,
+):
+    """Load, filter and tokenise a dataset, reporting what was dropped and why."""
+    fmt, examples = load_examples(path, command)
+    if limit:
+        examples = examples[:limit]
+    if filters:
+        examples, reports = apply_filters(examples, quality=True, duplicates=True, near=False)
+        for report in reports:
+            if report["dropped"]:
+                say(
+                    f"{path}: filter {report['filter']} dropped {report['dropped']} of {report['total']} ({report['reasons']})"
+                )
+    tokenized, lengths = tokenize_examples(examples, tokenizer, cfg)
+    dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
+    if dropped or lengths["truncated"]:
+        say(
+            f"{path}: {dropped} examples longer than {cfg.max_length} tokens dropped, {lengths['truncated']} truncated"
+        )
+    if not tokenized:
+        raise UserError(
+            f"{path}: no examples left after filtering and the length limit ({cfg.max_length} tokens)"
+        )
+    say(f"{path}: {len(tokenized)} examples ({fmt})")
+    return tokenized
+
+
+def collate(examples, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (B, T) input_ids, attention_mask and float32 loss_mask."""
+    width = max(len(ex.input_ids) for ex in examples)
+    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    ids = np.full((len(examples), width), pad_id, np.int32)
+    attention = np.zeros((len(examples), width), np.int32)
+    loss_mask = np.zeros((len(examples), width), np.float32)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = ex.input_ids
+        attention[row, :n] = 1
+        loss_mask[row, :n] = ex.loss_mask
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+@dataclass
+class Batches:
+    examples: list
+    batch_size: int
+    seed: int
+    pad_id: int
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+    def indices(self, step: int) -> np.ndarray:
+        count = len(self.examples)
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, offsets = np.divmod(positions, count)
+        orders = {int(e): self.order(int(e)) for e in np.unique(epochs)}
+        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return collate([self.examples[i] for i in self.indices(step)], self.pad_id)
+
+
+def split_microbatches(batch: dict, count: int) -> tuple[list[dict], list[float]]:
+    """`count` row slices, weighted by their loss tokens so accumulation equals the whole batch."""
+    rows = batch["input_ids"].shape[0]
+    edges = np.linspace(0, rows, count + 1).astype(int)
+    parts = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(edges[:-1], edges[1:])]
+    weights = [float(part["loss_mask"].sum()) for part in parts]
+    if sum(weights) == 0:
+        weights = [1.0] * count
+    return parts, weights
+
+
+def nll_and_kl_loss(ops, forward, batch, kl_beta: float = 0.0, measure_kl: bool = False):
+    """Masked NLL, plus beta * KL(policy || reference) over the vocabulary at the same tokens.
+
+    The KL is the exact per-position KL of the next-token distributions (not a
+    sampled estimate), averaged over the loss tokens (InstructGPT-style penalty).
+    """
+    logits = forward.logits(batch["input_ids"], batch["attention_mask"])
+    nll = -masked_mean(ops, token_logprobs(ops, logits, batch["input_ids"]), batch["loss_mask"])
+    metrics = {"nll": nll}
+    loss = nll
+    if kl_beta > 0 or measure_kl:
+        reference = forward.frozen_logits("reference", batch["input_ids"], batch["attention_mask"])
+        kl = masked_mean(ops, token_kl(ops, logits, reference), batch["loss_mask"])
+        metrics["kl"] = kl
+        if kl_beta > 0:
+            loss = nll + kl_beta * kl
+    return loss, metrics
+
+
+def held_out(
+    backend, model, loss_fn, examples, pad_id: int, batch_size: int = 32
+) -> dict[str, float]:
+    """Token-weighted means of loss_fn's metrics over examples (no gradients)."""
+    order = np.argsort([len(ex.input_ids) for ex in examples], kind="stable")
+    totals: dict[str, float] = {}
+    tokens = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        count = float(batch["loss_mask"].sum())
+        _, metrics = backend.evaluate(model, loss_fn, batch)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * count
+        tokens += count
+    return {k: v / max(tokens, 1.0) for k, v in totals.items()}

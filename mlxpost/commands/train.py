@@ -1,0 +1,37 @@
+"""The training commands. Each maps its config dataclass to options one to one."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mlxpost.algorithms.sft import SFTConfig
+from mlxpost.commands import json_safe
+from mlxpost.config import cli_options, resolve
+
+
+def finish(summary: dict) -> None:
+    """The final figures, one JSON object on stdout (progress went to stderr)."""
+    click.echo(json.dumps(json_safe(summary), indent=2))
+
+
+@click.command()
+@cli_options(SFTConfig)
+@click.pass_context
+def sft(ctx, config_file, **values):
+    """Supervised fine-tuning (LoRA or full), optionally with a KL penalty to the base.
+
+    \b
+    Default model: the bundled tiny GPT-2; default data: the bundled GSM8K-style
+    math train split (held-out: its test split). Data may be conversational
+    (messages / ShareGPT), prompt-completion, Alpaca, GSM8K or plain text.
+    The run directory gets config.yaml, metrics.jsonl, checkpoints/, final/
+    and summary.json; --resume continues the newest checkpoint.
+    """
+    from mlxpost.algorithms.sft import SFT
+    from mlxpost.loop import setup, train
+
+    cfg = resolve(SFTConfig, ctx, values, config_file)
+    session = setup("sft", cfg)
+    finish(train(session, SFT(session, cfg)))
