@@ -8,14 +8,9 @@ those cases are skipped when neither is given.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser):
@@ -35,26 +30,6 @@ def pytest_generate_tests(metafunc):
     if "checkpoint" in metafunc.fixturenames:
         params = ["tiny-gpt2", "tiny-gemma2"] + real_checkpoints(metafunc.config)
         metafunc.parametrize("checkpoint", params, indirect=True)
-
-
-def load_builder():
-    spec = importlib.util.spec_from_file_location(
-        "build_tiny_models", ROOT / "scripts" / "build_tiny_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_tiny_models"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    pytest.importorskip("torch")  # the builder writes checkpoints with transformers
-    builder = load_builder()
-    root = tmp_path_factory.mktemp("tiny-models")
-    for arch in ("gpt2", "gemma2"):
-        builder.build(arch, str(root / f"tiny-{arch}"))
-    return root
 
 
 @pytest.fixture

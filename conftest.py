@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints, built once per session."""
+"""Fixtures for tests/ and parity_tests/: tiny random checkpoints, built once per session."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 
 
 def load_builder():
