@@ -14,6 +14,8 @@ DEFAULT_DATA = {
     "sft": os.path.join(DATA, "math", "train.jsonl"),
     "sft-eval": os.path.join(DATA, "math", "test.jsonl"),
     "text-eval": os.path.join(DATA, "text", "test.jsonl"),
+    "distill": os.path.join(DATA, "reasoning", "train.jsonl"),
+    "distill-eval": os.path.join(DATA, "reasoning", "test.jsonl"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ def evaluate_math(
         "mean_completion_tokens": float(out.lengths.mean()) if examples else 0.0,
         "truncated": float(np.mean(~out.finished)) if examples else 0.0,
     }
+    report.update(reasoning_stats(out.texts))
     levels = sorted({ex.level for ex in examples if ex.level is not None})
     if levels:
         report["accuracy_by_level"] = {
@@ -88,6 +90,24 @@ def evaluate_math(
         for ex, text, p in list(zip(examples, out.texts, predicted))[:3]
     ]
     return report
+
+
+THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def reasoning_stats(texts: list[str]) -> dict:
+    """How much the completions reason: share with a <think> block, and that block's
+    mean size in words and in non-empty lines (steps), over the completions that have one."""
+    blocks = [m.group(1) for m in (THINK.search(t) for t in texts) if m]
+    return {
+        "think_share": len(blocks) / len(texts) if texts else 0.0,
+        "mean_think_words": float(np.mean([len(b.split()) for b in blocks])) if blocks else 0.0,
+        "mean_think_steps": float(
+            np.mean([sum(1 for line in b.splitlines() if line.strip()) for b in blocks])
+        )
+        if blocks
+        else 0.0,
+    }
 
 
 @dataclass

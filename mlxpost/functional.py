@@ -8,6 +8,8 @@ where its mask is 1, so prompts, padding and tokens after EOS never count.
 
 from __future__ import annotations
 
+import math
+
 
 def token_logprobs(ops, logits, input_ids, temperature: float = 1.0):
     """log_softmax(logits[t-1] / temperature)[token t] in float32, shape (B, T)."""
@@ -37,6 +39,24 @@ def token_kl(ops, logits, other_logits, temperature: float = 1.0):
     log_q = ops.log_softmax(ops.float32(other_logits[:, :-1, :]) / temperature, axis=-1)
     kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)  # (B, T-1)
     return ops.concatenate([ops.zeros((kl.shape[0], 1)), kl], axis=1)
+
+
+def token_jsd(ops, student_logits, teacher_logits, beta: float = 0.5, temperature: float = 1.0):
+    """Generalised Jensen-Shannon divergence per position, aligned like logprobs (GKD,
+    Agarwal et al., 2024): beta * KL(P || M) + (1 - beta) * KL(Q || M), M = beta P + (1 - beta) Q,
+    P the teacher's and Q the student's next-token distribution; 0 < beta < 1."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"the JSD mixing coefficient must be in (0, 1), got {beta}")
+    log_q = ops.log_softmax(ops.float32(student_logits[:, :-1, :]) / temperature, axis=-1)
+    log_p = ops.log_softmax(ops.float32(teacher_logits[:, :-1, :]) / temperature, axis=-1)
+    # log M = logsumexp(log beta + log P, log(1 - beta) + log Q), elementwise and stable.
+    a, b = log_p + math.log(beta), log_q + math.log(1.0 - beta)
+    high = ops.maximum(a, b)
+    log_m = high + ops.log(ops.exp(a - high) + ops.exp(b - high))
+    jsd = beta * ops.sum(ops.exp(log_p) * (log_p - log_m), axis=-1) + (1.0 - beta) * ops.sum(
+        ops.exp(log_q) * (log_q - log_m), axis=-1
+    )
+    return ops.concatenate([ops.zeros((jsd.shape[0], 1)), jsd], axis=1)
 
 
 def masked_sum(ops, values, mask, axis=None):

@@ -584,6 +584,7 @@ COVERED_FUNCTIONALS = {
     "token_logprobs",
     "token_entropy",
     "token_kl",
+    "token_jsd",
     "masked_sum",
     "masked_mean",
     "kl_estimate",
@@ -685,6 +686,47 @@ def test_token_kl(be, kind, temperature):
     assert_close(f"{be.name} token_kl {kind} T={temperature}", ref, got, atol=atol)
     same = be.np(F.token_kl(be.ops, be.arr(logits), be.arr(logits), temperature=temperature))
     assert_close(f"{be.name} token_kl of a model with itself", np.zeros_like(ref), same, atol=atol)
+
+
+def oracle_token_jsd(student, teacher, beta, temperature):
+    """beta KL(P||M) + (1-beta) KL(Q||M) from probabilities, float64 loops."""
+    batch, length, _ = student.shape
+    out = np.zeros((batch, length))
+    for b in range(batch):
+        for t in range(1, length):
+            z_q = student[b, t - 1].astype(np.float64) / temperature
+            z_p = teacher[b, t - 1].astype(np.float64) / temperature
+            q = np.exp(z_q - z_q.max()) / np.exp(z_q - z_q.max()).sum()
+            p = np.exp(z_p - z_p.max()) / np.exp(z_p - z_p.max()).sum()
+            m = beta * p + (1 - beta) * q
+            kl_pm = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(m)), 0.0))
+            kl_qm = np.sum(np.where(q > 0, q * (np.log(np.where(q > 0, q, 1)) - np.log(m)), 0.0))
+            out[b, t] = beta * kl_pm + (1 - beta) * kl_qm
+    return out
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_token_jsd(be, beta):
+    student = make_logits("normal")
+    teacher = (student + np.random.default_rng(10).normal(0, 3.0, size=student.shape)).astype(
+        np.float32
+    )
+    got = be.np(F.token_jsd(be.ops, be.arr(student), be.arr(teacher), beta=beta, temperature=0.7))
+    ref = oracle_token_jsd(student, teacher, beta, 0.7)
+    assert np.all(got[:, 0] == 0.0) and np.all(got >= -1e-5)
+    assert np.all(ref <= -(beta * np.log(beta) + (1 - beta) * np.log(1 - beta)) + 1e-9), (
+        "JSD <= H(beta)"
+    )
+    assert_close(
+        f"{be.name} token_jsd beta={beta}", ref, got, atol=ATOL * logit_scale(student, 0.7)
+    )
+
+
+def test_token_jsd_rejects_bad_beta():
+    logits = make_logits("normal")
+    for beta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="mixing coefficient"):
+            F.token_jsd(NumpyOps, logits, logits, beta=beta)
 
 
 def test_token_entropy_limits(be):

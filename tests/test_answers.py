@@ -34,3 +34,22 @@ def test_is_correct():
     assert is_correct("The answer is 19.0", "19")
     assert not is_correct("#### 18", "19")
     assert not is_correct("nothing", "19")
+
+
+def test_reasoning_stats():
+    from mlxpost.evaluation import reasoning_stats
+
+    texts = [
+        "<think>\na + b = c\nCheck: ok\n</think>\nThe answer is 3.",
+        "#### 4",
+        "<think>one two three</think> 5",
+    ]
+    stats = reasoning_stats(texts)
+    assert stats["think_share"] == 2 / 3
+    assert stats["mean_think_words"] == (7 + 3) / 2
+    assert stats["mean_think_steps"] == (2 + 1) / 2
+    assert reasoning_stats([]) == {
+        "think_share": 0.0,
+        "mean_think_words": 0.0,
+        "mean_think_steps": 0.0,
+    }

@@ -57,6 +57,10 @@ class SFTConfig(TrainConfig):
     eval_math: int = option(
         100, "Held-out math problems scored greedily at each evaluation (0: off)."
     )
+    eval_math_data: str | None = option(
+        None,
+        "Math problems (question/answer) for --eval-math; default: the bundled math test split.",
+    )
     eval_text: int = option(
         100, "General-text passages whose perplexity is measured at each evaluation (0: off)."
     )
@@ -64,11 +68,16 @@ class SFTConfig(TrainConfig):
 
 
 class SFT:
+    command = "sft"
+    report_reasoning = False  # distillation also tracks how long the model reasons
+
     def __init__(self, session: Session, cfg: SFTConfig):
         self.session, self.cfg = session, cfg
         backend, model, info = session.backend, session.model, session.info
-        data = cfg.data or assets.default_data("sft")
-        eval_data = cfg.eval_data or (assets.default_data("sft-eval") if not cfg.data else None)
+        data = cfg.data or assets.default_data(self.command)
+        eval_data = cfg.eval_data or (
+            assets.default_data(f"{self.command}-eval") if not cfg.data else None
+        )
         tokenize = TokenizeConfig(
             max_length=cfg.max_length,
             on_too_long=cfg.on_too_long,
@@ -100,10 +109,7 @@ class SFT:
             else []
         )
         self.math = (
-            math_examples(
-                eval_data if eval_data and cfg.data else assets.default_data("eval-math"),
-                cfg.eval_math,
-            )
+            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
             if cfg.eval_math
             else []
         )
@@ -117,11 +123,14 @@ class SFT:
             )
         self.has_reference = bool(cfg.reference) or cfg.lora or cfg.kl_beta > 0
         # Built once: the MLX backend caches its compiled step per loss function.
-        self.loss_fn = partial(nll_and_kl_loss, kl_beta=cfg.kl_beta)
+        self.loss_fn = self.make_loss()
         self.eval_loss_fn = partial(nll_and_kl_loss, measure_kl=self.has_reference)
         self.text_loss_fn = partial(nll_and_kl_loss)
         if cfg.kl_beta < 0:
             raise UserError(f"--kl-beta must be >= 0, got {cfg.kl_beta}")
+
+    def make_loss(self):
+        return partial(nll_and_kl_loss, kl_beta=self.cfg.kl_beta)
 
     def train_step(self, step: int) -> dict[str, float]:
         session = self.session
@@ -157,4 +166,8 @@ class SFT:
                 MathEvalConfig(max_new_tokens=cfg.eval_max_new_tokens),
             )
             out["math_accuracy"] = report["accuracy"]
+            if self.report_reasoning:
+                out.update(
+                    {k: report[k] for k in ("think_share", "mean_think_words", "mean_think_steps")}
+                )
         return out

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from mlxpost.algorithms.distill import DistillConfig
 from mlxpost.algorithms.sft import SFTConfig
 from mlxpost.commands import json_safe
 from mlxpost.config import cli_options, resolve
@@ -35,3 +36,24 @@ def sft(ctx, config_file, **values):
     cfg = resolve(SFTConfig, ctx, values, config_file)
     session = setup("sft", cfg)
     finish(train(session, SFT(session, cfg)))
+
+
+@click.command()
+@cli_options(DistillConfig)
+@click.pass_context
+def distill(ctx, config_file, **values):
+    """Reasoning distillation: SFT on <think> traces, or logit distillation from --teacher.
+
+    \b
+    Default data: the bundled reasoning traces (conversational, <think>...</think>
+    before the answer). With --teacher (same tokenizer) the student matches the
+    teacher's distributions: --divergence forward_kl | reverse_kl | jsd
+    (--jsd-beta), optionally plus --sft-weight times the data's NLL. Evaluations
+    report math accuracy and reasoning length (think share, words, steps).
+    """
+    from mlxpost.algorithms.distill import Distill
+    from mlxpost.loop import setup, train
+
+    cfg = resolve(DistillConfig, ctx, values, config_file)
+    session = setup("distill", cfg)
+    finish(train(session, Distill(session, cfg)))
