@@ -15,6 +15,7 @@ DEFAULT_DATA = {
     "sft-eval": os.path.join(DATA, "math", "test.jsonl"),
     "text-eval": os.path.join(DATA, "text", "test.jsonl"),
     "distill": os.path.join(DATA, "reasoning", "train.jsonl"),
+    "grpo": os.path.join(DATA, "rl", "prompts.jsonl"),
     "distill-eval": os.path.join(DATA, "reasoning", "test.jsonl"),
 }
 

@@ -68,7 +68,7 @@ class MLXBackend:
         return mx.array(value.astype(np.float32))
 
     def batch_to_arrays(self, batch: dict) -> dict:
-        return {k: self.array(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        return {k: self.array(v) if isinstance(v, (np.ndarray, np.generic)) else v for k, v in batch.items()}
 
     # ---- models ----
     def load_model(self, path: str, dtype: str = "float32") -> MLXModel:
