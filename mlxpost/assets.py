@@ -16,6 +16,7 @@ DEFAULT_DATA = {
     "text-eval": os.path.join(DATA, "text", "test.jsonl"),
     "distill": os.path.join(DATA, "reasoning", "train.jsonl"),
     "grpo": os.path.join(DATA, "rl", "prompts.jsonl"),
+    "ppo": os.path.join(DATA, "rl", "prompts.jsonl"),
     "distill-eval": os.path.join(DATA, "reasoning", "test.jsonl"),
 }
 

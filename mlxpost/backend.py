@@ -124,6 +124,9 @@ class Forward(Protocol):
     def scores(self, input_ids: Any, attention_mask: Any) -> Any:
         """(B, T) float32 scalar-head outputs on the final hidden states."""
 
+    def logits_and_scores(self, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+        """Both of the above from one pass through the trunk."""
+
     def frozen_logits(self, role: str, input_ids: Any, attention_mask: Any) -> Any:
         """(B, T, V) float32 logits of a frozen model ("reference": the adapter switched off
         unless a reference checkpoint was attached; "teacher"), carrying no gradient."""

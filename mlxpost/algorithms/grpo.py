@@ -30,38 +30,18 @@ from functools import partial
 
 import numpy as np
 
-from mlxpost import assets
-from mlxpost.backend import SamplingConfig, adapter_disabled
-from mlxpost.config import TrainConfig, option
-from mlxpost.data import load_examples
+from mlxpost.algorithms.rollouts import RLConfig, Rollouts
+from mlxpost.config import option
 from mlxpost.errors import UserError
-from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
 from mlxpost.functional import kl_estimate, masked_mean, masked_sum, token_entropy, token_logprobs
-from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
-from mlxpost.rewards import RewardSet
 
 ADVANTAGES = ("group", "batch", "none", "rank")
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
-    batch_size: int = option(8, "Prompts per step (each gets --num-generations completions).")
-    learning_rate: float = option(5e-4, "Peak learning rate (AdamW).")
-    steps: int = option(100, "Steps (one batch of rollouts each).")
-    num_generations: int = option(8, "Completions per prompt (the group).")
-    max_new_tokens: int = option(128, "Tokens generated per completion at most.")
-    temperature: float = option(1.0, "Sampling temperature (also used for the trainer's logprobs).")
-    top_p: float = option(1.0, "Nucleus sampling mass.")
-    top_k: int = option(0, "Top-k sampling (0: off).")
-    rewards: str = option(
-        "math,format",
-        "Comma-separated reward functions: built-ins (math, format, repetition, answered) or module:function.",
-    )
-    reward_weights: str | None = option(
-        None, "Comma-separated weights, one per reward (default: all 1)."
-    )
+class GRPOConfig(RLConfig):
     advantage: str = option(
         "group",
         "Advantage scale: group std (GRPO), batch std, none (Dr. GRPO), or rank within the group.",
@@ -75,20 +55,6 @@ class GRPOConfig(TrainConfig):
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO).", ("token", "sequence")
     )
     aggregation: str = option("grpo", "How token losses are averaged.", AGGREGATIONS)
-    kl_beta: float = option(0.0, "Weight of the KL penalty to the reference (adapter off); 0: off.")
-    kl_estimator: str = option("k3", "KL estimator (Schulman's k1, k2, k3).", ("k1", "k2", "k3"))
-    ppo_epochs: int = option(1, "Optimisation passes over each batch of rollouts.")
-    mask_truncated: bool = option(
-        False, "Leave completions cut at --max-new-tokens out of the loss."
-    )
-    eval_every: int = option(10, "Evaluate every N steps (0: only at the end).")
-    save_every: int = option(50, "Checkpoint every N steps (0: only the final one).")
-    eval_math: int = option(
-        200, "Held-out math problems scored greedily at each evaluation (0: off)."
-    )
-    eval_math_data: str | None = option(
-        None, "Math problems for --eval-math; default: the bundled math test split."
-    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -168,98 +134,8 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
 class GRPO:
     def __init__(self, session: Session, cfg: GRPOConfig):
         self.session, self.cfg = session, cfg
-        data = cfg.data or assets.default_data("grpo")
-        _, self.examples = load_examples(data, "grpo")
-        tokenizer = session.info.tokenizer
-        self.prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in self.examples]
-        self.prompt_texts = [tokenizer.decode(p) for p in self.prompts]
-        self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights)
-        self.math = (
-            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
-            if cfg.eval_math
-            else []
-        )
+        self.rollouts = Rollouts(session, cfg, "grpo")
         self.loss_fn = partial(grpo_loss, cfg=cfg)
-        session.say(
-            f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names)}"
-        )
-
-    def prompt_indices(self, step: int) -> np.ndarray:
-        count, size = len(self.examples), self.cfg.batch_size
-        positions = np.arange(step * size, (step + 1) * size)
-        epochs, offsets = np.divmod(positions, count)
-        orders = {
-            int(e): np.random.default_rng([self.cfg.seed, int(e)]).permutation(count)
-            for e in np.unique(epochs)
-        }
-        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
-
-    def rollouts(self, step: int):
-        session, cfg = self.session, self.cfg
-        backend, model, info = session.backend, session.model, session.info
-        chosen = self.prompt_indices(step)
-        sampling = SamplingConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            n=cfg.num_generations,
-        )
-        samples = backend.sample(
-            model,
-            [self.prompts[i] for i in chosen],
-            sampling,
-            info.eos_ids,
-            info.pad_id,
-            seed=cfg.seed * 1_000_003 + step,
-        )
-        texts = [
-            info.tokenizer.decode(row[m == 1], skip_special_tokens=True)
-            for row, m in zip(samples.completion_ids, samples.completion_mask)
-        ]
-        source = chosen[samples.prompt_index]
-        columns = {
-            key: [self.examples[i].extras.get(key) for i in source]
-            for key in self.examples[0].extras
-        }
-        rewards, reward_metrics = self.rewards.score(
-            [self.prompt_texts[i] for i in source], texts, columns, session.say
-        )
-        return samples, rewards, reward_metrics
-
-    def build_batch(self, samples, rewards):
-        cfg = self.cfg
-        width = samples.prompt_ids.shape[1]
-        ids = np.concatenate([samples.prompt_ids, samples.completion_ids], axis=1)
-        attention = np.concatenate([samples.prompt_mask, samples.completion_mask], axis=1)
-        completion = samples.completion_mask.astype(np.float32)
-        if cfg.mask_truncated:
-            completion = completion * samples.finished[:, None]
-        loss_mask = np.concatenate(
-            [np.zeros_like(samples.prompt_mask, np.float32), completion], axis=1
-        )
-        old = np.concatenate(
-            [np.zeros(samples.prompt_ids.shape, np.float32), samples.logprobs], axis=1
-        )
-        ref = np.zeros_like(old)
-        if cfg.kl_beta > 0 or cfg.lora:  # the KL is logged whenever a reference exists
-            with adapter_disabled(self.session.backend, self.session.model):
-                ref = self.session.backend.logprobs(
-                    self.session.model, ids, attention, cfg.temperature
-                )
-            ref = ref * loss_mask
-        advantages = group_advantages(rewards, cfg.num_generations, cfg.advantage).astype(
-            np.float32
-        )
-        batch = {
-            "input_ids": ids,
-            "attention_mask": attention,
-            "loss_mask": loss_mask,
-            "old_logprobs": old,
-            "ref_logprobs": ref,
-            "advantages": advantages,
-        }
-        return batch, width
 
     def microbatches(self, batch: dict) -> tuple[list[dict], list[float]]:
         cfg = self.cfg
@@ -269,9 +145,8 @@ class GRPO:
         parts = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(edges[:-1], edges[1:])]
         total_tokens = float(batch["loss_mask"].sum())
         for part in parts:
-            tokens = float(part["loss_mask"].sum())
             if cfg.aggregation == "bnpo":
-                normaliser = tokens
+                normaliser = float(part["loss_mask"].sum())
             elif cfg.aggregation == "dapo":
                 normaliser = (
                     total_tokens / count
@@ -291,8 +166,21 @@ class GRPO:
     def train_step(self, step: int) -> dict[str, float]:
         session, cfg = self.session, self.cfg
         session.backend.seed(cfg.seed + step)
-        samples, rewards, reward_metrics = self.rollouts(step)
-        batch, _ = self.build_batch(samples, rewards)
+        rollout = self.rollouts.sample(step)
+        rewards, reward_metrics = self.rollouts.score(rollout)
+        has_reference = cfg.kl_beta > 0 or cfg.lora  # the KL is logged whenever a reference exists
+        batch = {
+            "input_ids": rollout.input_ids,
+            "attention_mask": rollout.attention_mask,
+            "loss_mask": rollout.loss_mask,
+            "old_logprobs": rollout.old_logprobs,
+            "ref_logprobs": self.rollouts.reference_logprobs(rollout)
+            if has_reference
+            else np.zeros_like(rollout.old_logprobs),
+            "advantages": group_advantages(rewards, cfg.num_generations, cfg.advantage).astype(
+                np.float32
+            ),
+        }
         parts, weights = self.microbatches(batch)
         for epoch in range(cfg.ppo_epochs):
             metrics = session.backend.train_step(
@@ -301,7 +189,6 @@ class GRPO:
             if epoch == 0:
                 first = metrics
         groups = rewards.reshape(-1, cfg.num_generations)
-        lengths = samples.completion_mask.sum(axis=1)
         return {
             **metrics,
             "logprob_gap": first["logprob_gap"],  # sampler vs trainer, before any update
@@ -309,23 +196,8 @@ class GRPO:
             "reward_std": float(rewards.std()),
             **reward_metrics,
             "zero_variance_groups": float(np.mean(groups.std(axis=1) == 0)),
-            "completion_length": float(lengths.mean()),
-            "truncated": float(np.mean(~samples.finished)),
-            "tokens": float(batch["attention_mask"].sum()),
+            **self.rollouts.summary(rollout),
         }
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if not self.math:
-            return {}
-        session = self.session
-        report = evaluate_math(
-            session.backend,
-            session.model,
-            session.info,
-            self.math,
-            MathEvalConfig(max_new_tokens=self.cfg.max_new_tokens),
-        )
-        return {
-            "math_accuracy": report["accuracy"],
-            "eval_completion_length": report["mean_completion_tokens"],
-        }
+        return self.rollouts.evaluate()

@@ -8,6 +8,7 @@ import click
 
 from mlxpost.algorithms.distill import DistillConfig
 from mlxpost.algorithms.grpo import GRPOConfig
+from mlxpost.algorithms.ppo import PPOConfig
 from mlxpost.algorithms.sft import SFTConfig
 from mlxpost.commands import json_safe
 from mlxpost.config import cli_options, resolve
@@ -81,3 +82,25 @@ def grpo(ctx, config_file, **values):
     cfg = resolve(GRPOConfig, ctx, values, config_file)
     session = setup("grpo", cfg)
     finish(train(session, GRPO(session, cfg)))
+
+
+@click.command()
+@cli_options(PPOConfig)
+@click.pass_context
+def ppo(ctx, config_file, **values):
+    """PPO with a value head and GAE (InstructGPT-style RLHF).
+
+    \b
+    Reward: --reward-model DIR (from `mlxpost rm`) scored at the last token, or
+    the --rewards functions (default: math correctness + format); a per-token
+    KL penalty to the base (adapter off) is added. The critic is a value head
+    on the policy's trunk. GAE(--gamma, --lam), whitened advantages, clipped
+    policy and value losses, --ppo-epochs over --minibatches, early stop at
+    1.5 x --target-kl. Logs value loss and explained variance.
+    """
+    from mlxpost.algorithms.ppo import PPO
+    from mlxpost.loop import setup, train
+
+    cfg = resolve(PPOConfig, ctx, values, config_file)
+    session = setup("ppo", cfg, scalar_head=True)
+    finish(train(session, PPO(session, cfg)))

@@ -63,6 +63,13 @@ def logits(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx
     return model.module.lm_logits(hidden_states(model, input_ids, attention_mask))  # (B, T, V)
 
 
+def logits_and_scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array):
+    """Logits and scalar-head outputs from one pass through the trunk (a PPO critic on the
+    policy's own trunk)."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    return model.module.lm_logits(hidden), model.module.score(hidden.astype(mx.float32))[..., 0]
+
+
 def attach_scalar_head(model: MLXModel, seed: int) -> None:
     weight, bias = init_scalar_head(model_hidden_size(model), seed)
     head = nn.Linear(weight.shape[1], 1)

@@ -1,0 +1,175 @@
+"""What GRPO and PPO share: options, prompts, sampling, rewards and rollout batches.
+
+Prompts of step s are drawn from a permutation seeded by (seed, epoch) and the
+sampler is seeded by (seed, step), so a resumed run samples what an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlxpost import assets
+from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
+from mlxpost.config import TrainConfig, option
+from mlxpost.data import load_examples
+from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
+from mlxpost.generation import encode_prompt
+from mlxpost.loop import Session
+from mlxpost.rewards import RewardSet
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    batch_size: int = option(8, "Prompts per step (each gets --num-generations completions).")
+    learning_rate: float = option(5e-4, "Peak learning rate (AdamW).")
+    steps: int = option(100, "Steps (one batch of rollouts each).")
+    num_generations: int = option(8, "Completions per prompt.")
+    max_new_tokens: int = option(128, "Tokens generated per completion at most.")
+    temperature: float = option(1.0, "Sampling temperature (also used for the trainer's logprobs).")
+    top_p: float = option(1.0, "Nucleus sampling mass.")
+    top_k: int = option(0, "Top-k sampling (0: off).")
+    rewards: str = option(
+        "math,format",
+        "Comma-separated reward functions: built-ins (math, format, repetition, answered) or module:function.",
+    )
+    reward_weights: str | None = option(
+        None, "Comma-separated weights, one per reward (default: all 1)."
+    )
+    kl_beta: float = option(0.0, "Weight of the KL to the reference (adapter off); 0: off.")
+    kl_estimator: str = option("k3", "KL estimator (Schulman's k1, k2, k3).", ("k1", "k2", "k3"))
+    ppo_epochs: int = option(1, "Optimisation passes over each batch of rollouts.")
+    mask_truncated: bool = option(
+        False, "Leave completions cut at --max-new-tokens out of the loss."
+    )
+    eval_every: int = option(10, "Evaluate every N steps (0: only at the end).")
+    save_every: int = option(50, "Checkpoint every N steps (0: only the final one).")
+    eval_math: int = option(
+        200, "Held-out math problems scored greedily at each evaluation (0: off)."
+    )
+    eval_math_data: str | None = option(
+        None, "Math problems for --eval-math; default: the bundled math test split."
+    )
+
+
+@dataclass
+class RolloutBatch:
+    samples: Samples
+    texts: list[str]  # decoded completions
+    source: np.ndarray  # (N,) index of each row's prompt in the dataset
+    input_ids: np.ndarray  # (N, P + C) prompt (left padded) then completion (right padded)
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray  # float32 (N, P + C): completion tokens that count
+    old_logprobs: np.ndarray  # behaviour logprobs aligned with input_ids, 0 elsewhere
+
+
+class Rollouts:
+    def __init__(self, session: Session, cfg: RLConfig, command: str):
+        self.session, self.cfg = session, cfg
+        data = cfg.data or assets.default_data(command)
+        _, self.examples = load_examples(data, command)
+        tokenizer = session.info.tokenizer
+        self.prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in self.examples]
+        self.prompt_texts = [tokenizer.decode(p) for p in self.prompts]
+        self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights)
+        self.math = (
+            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
+            if cfg.eval_math
+            else []
+        )
+        session.say(
+            f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names)}"
+        )
+
+    def prompt_indices(self, step: int) -> np.ndarray:
+        count, size = len(self.examples), self.cfg.batch_size
+        positions = np.arange(step * size, (step + 1) * size)
+        epochs, offsets = np.divmod(positions, count)
+        orders = {
+            int(e): np.random.default_rng([self.cfg.seed, int(e)]).permutation(count)
+            for e in np.unique(epochs)
+        }
+        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
+
+    def sample(self, step: int) -> RolloutBatch:
+        session, cfg = self.session, self.cfg
+        info = session.info
+        chosen = self.prompt_indices(step)
+        sampling = SamplingConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            n=cfg.num_generations,
+        )
+        samples = session.backend.sample(
+            session.model,
+            [self.prompts[i] for i in chosen],
+            sampling,
+            info.eos_ids,
+            info.pad_id,
+            seed=cfg.seed * 1_000_003 + step,
+        )
+        texts = [
+            info.tokenizer.decode(row[m == 1], skip_special_tokens=True)
+            for row, m in zip(samples.completion_ids, samples.completion_mask)
+        ]
+        completion = samples.completion_mask.astype(np.float32)
+        if cfg.mask_truncated:
+            completion = completion * samples.finished[:, None]
+        return RolloutBatch(
+            samples=samples,
+            texts=texts,
+            source=chosen[samples.prompt_index],
+            input_ids=np.concatenate([samples.prompt_ids, samples.completion_ids], axis=1),
+            attention_mask=np.concatenate([samples.prompt_mask, samples.completion_mask], axis=1),
+            loss_mask=np.concatenate(
+                [np.zeros(samples.prompt_ids.shape, np.float32), completion], axis=1
+            ),
+            old_logprobs=np.concatenate(
+                [np.zeros(samples.prompt_ids.shape, np.float32), samples.logprobs], axis=1
+            ),
+        )
+
+    def score(self, batch: RolloutBatch) -> tuple[np.ndarray, dict]:
+        columns = {
+            key: [self.examples[i].extras.get(key) for i in batch.source]
+            for key in self.examples[0].extras
+        }
+        prompts = [self.prompt_texts[i] for i in batch.source]
+        return self.rewards.score(prompts, batch.texts, columns, self.session.say)
+
+    def reference_logprobs(self, batch: RolloutBatch) -> np.ndarray:
+        """The reference (adapter off) logprobs of the rollout tokens, at the sampling temperature."""
+        backend, model = self.session.backend, self.session.model
+        with adapter_disabled(backend, model):
+            ref = backend.logprobs(
+                model, batch.input_ids, batch.attention_mask, self.cfg.temperature
+            )
+        return (ref * batch.loss_mask).astype(np.float32)
+
+    def summary(self, batch: RolloutBatch) -> dict[str, float]:
+        samples = batch.samples
+        return {
+            "completion_length": float(samples.completion_mask.sum(axis=1).mean()),
+            "truncated": float(np.mean(~samples.finished)),
+            "tokens": float(batch.attention_mask.sum()),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.math:
+            return {}
+        session = self.session
+        report = evaluate_math(
+            session.backend,
+            session.model,
+            session.info,
+            self.math,
+            MathEvalConfig(max_new_tokens=self.cfg.max_new_tokens),
+        )
+        return {
+            "math_accuracy": report["accuracy"],
+            "eval_completion_length": report["mean_completion_tokens"],
+        }
