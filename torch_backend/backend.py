@@ -28,6 +28,10 @@ class TorchForward:
     def scores(self, input_ids, attention_mask):
         return modeling.scores(self.model, input_ids, attention_mask)
 
+    def logits_and_scores(self, input_ids, attention_mask):
+        logits, scores = modeling.logits_and_scores(self.model, input_ids, attention_mask)
+        return logits.float(), scores
+
     def frozen_logits(self, role, input_ids, attention_mask):
         """Logits of the frozen model attached for `role` ("reference", "teacher"); no gradient.
         A reference that was not attached is this model with its adapter switched off."""
@@ -68,7 +72,10 @@ class TorchBackend:
         return torch.as_tensor(array, dtype=torch.float32, device=self.device)
 
     def batch_to_tensors(self, batch: dict) -> dict:
-        return {k: self.tensor(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        return {
+            k: self.tensor(v) if isinstance(v, (np.ndarray, np.generic)) else v
+            for k, v in batch.items()
+        }
 
     # ---- models ----
     def load_model(self, path: str, dtype: str = "float32") -> TorchModel:

@@ -81,6 +81,17 @@ def hidden_states(
     return out.last_hidden_state  # (B, T, H), after the final norm
 
 
+def logits_and_scores(model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Logits and scalar-head outputs from one pass through the trunk (a PPO critic on the
+    policy's own trunk)."""
+    hidden = hidden_states(model, input_ids, attention_mask)
+    logits = model.module.lm_head(hidden)
+    cap = model.config.get("final_logit_softcapping")
+    if cap:  # Gemma-2 caps its logits after the head, as its forward does
+        logits = torch.tanh(logits / cap) * cap
+    return logits, model.score(hidden.float())[..., 0]
+
+
 def attach_scalar_head(model: TorchModel, seed: int) -> None:
     weight, bias = init_scalar_head(model_hidden_size(model), seed)
     head = nn.Linear(weight.shape[1], 1, dtype=torch.float32, device=model.module.device)
