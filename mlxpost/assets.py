@@ -18,6 +18,10 @@ DEFAULT_DATA = {
     "grpo": os.path.join(DATA, "rl", "prompts.jsonl"),
     "ppo": os.path.join(DATA, "rl", "prompts.jsonl"),
     "distill-eval": os.path.join(DATA, "reasoning", "test.jsonl"),
+    "rm": os.path.join(DATA, "preferences", "train.jsonl"),
+    "rm-eval": os.path.join(DATA, "preferences", "test.jsonl"),
+    "dpo": os.path.join(DATA, "preferences", "train.jsonl"),
+    "dpo-eval": os.path.join(DATA, "preferences", "test.jsonl"),
 }
 
 

@@ -16,7 +16,7 @@ from mlxpost.commands.evaluate import evaluate
 from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
 from mlxpost.commands.plot import plot
-from mlxpost.commands.train import distill, grpo, ppo, sft
+from mlxpost.commands.train import distill, dpo, grpo, ppo, rm, sft
 from mlxpost.errors import UserError
 
 
@@ -43,7 +43,7 @@ def main():
     """
 
 
-for command in (sft, distill, grpo, ppo, parity, evaluate, data, merge, soup, plot):
+for command in (sft, distill, grpo, ppo, rm, dpo, parity, evaluate, data, merge, soup, plot):
     main.add_command(command)
 
 if __name__ == "__main__":

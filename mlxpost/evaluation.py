@@ -280,3 +280,102 @@ def evaluate_repetition(
         for messages, text in list(zip(prompts, out.texts))[:3]
     ]
     return report
+
+
+@dataclass
+class RewardEvalConfig:
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Reward model directory: the final/ of an `mlxpost rm` run."},
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Tokens generated per prompt at most."}
+    )
+    temperature: float = field(default=0.0, metadata={"help": "0: greedy decoding."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass when sampling."})
+    top_k: int = field(default=0, metadata={"help": "Top-k when sampling (0: off)."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts generated together."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+    def __post_init__(self):
+        from mlxpost.reward_model import read_reward_model_info
+
+        if not self.reward_model:
+            raise UserError(
+                "--task reward needs --reward-model DIR (final/ of an `mlxpost rm` run)"
+            )
+        read_reward_model_info(self.reward_model)  # fail before any model is loaded
+
+
+def reward_examples(path: str, limit: int | None = None) -> list:
+    """Preference pairs (chosen/rejected columns), scored as they are; or prompts to generate
+    from (prompt or question columns, or the prompts of any SFT format)."""
+    from mlxpost.data import load_records, normalise_records
+    from mlxpost.data.formats import columns_of
+
+    records = load_records(path)
+    columns = set(columns_of(records))
+    if {"chosen", "rejected"} <= columns:
+        examples = normalise_records(records, "rm", path)[1]
+    elif columns & {"prompt", "question"}:
+        examples = [ex.prompt_messages for ex in normalise_records(records, "grpo", path)[1]]
+    else:
+        return prompt_conversations(path, limit)
+    return examples[:limit] if limit else examples
+
+
+def score_generations(
+    backend: Backend, model, info: TokenizerInfo, prompts: list[list[dict]], scorer, cfg
+) -> dict:
+    """Generate one completion per prompt and score it with a reward model (`scorer`:
+    mlxpost.reward_model.RewardModelScorer)."""
+    encoded = [encode_prompt(info.tokenizer, messages) for messages in prompts]
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+    )
+    out = generate(
+        backend, model, info, encoded, sampling, cfg.batch_size, cfg.seed, desc="eval reward"
+    )
+    scores = scorer(prompts, out.texts) if prompts else np.zeros(0, np.float32)
+    return {
+        "task": "reward",
+        "n": len(prompts),
+        "source": "generations",
+        "mean_score": float(scores.mean()) if prompts else 0.0,
+        "score_std": float(scores.std()) if prompts else 0.0,
+        "mean_completion_tokens": float(out.lengths.mean()) if prompts else 0.0,
+        "truncated": float(np.mean(~out.finished)) if prompts else 0.0,
+        "samples": [
+            {"prompt": messages[-1]["content"], "completion": text, "score": float(score)}
+            for messages, text, score in list(zip(prompts, out.texts, scores))[:3]
+        ],
+    }
+
+
+def evaluate_reward(
+    backend: Backend, model, info: TokenizerInfo, examples: list, cfg: RewardEvalConfig
+) -> dict:
+    """Mean reward-model score of the model's completions to prompts; on preference data,
+    of the data's chosen and rejected completions, with the pairwise accuracy (the share of
+    pairs whose chosen completion scores strictly higher)."""
+    from mlxpost.reward_model import RewardModelScorer
+
+    scorer = RewardModelScorer(backend, cfg.reward_model)
+    if not examples or not hasattr(examples[0], "chosen_messages"):
+        return score_generations(backend, model, info, examples, scorer, cfg)
+    prompts = [ex.prompt_messages for ex in examples]
+    chosen = scorer(prompts, [ex.chosen_messages for ex in examples])
+    rejected = scorer(prompts, [ex.rejected_messages for ex in examples])
+    return {
+        "task": "reward",
+        "n": len(examples),
+        "source": "data",
+        "mean_score": float(np.concatenate([chosen, rejected]).mean()),
+        "chosen_mean_score": float(chosen.mean()),
+        "rejected_mean_score": float(rejected.mean()),
+        "pairwise_accuracy": float(np.mean(chosen > rejected)),
+        "mean_margin": float(np.mean(chosen - rejected)),
+    }

@@ -13,15 +13,16 @@ from mlxpost.backend import DTYPES
 from mlxpost.commands import BACKENDS, json_safe, load_model_and_tokenizer
 from mlxpost.errors import UserError
 
-TASKS = ("math", "perplexity", "repetition")
+TASKS = ("math", "perplexity", "repetition", "reward")
 # Held-out splits of the bundled data, so every task runs without --data.
 DEFAULT_DATA = {
     "math": default_data("eval-math"),
     "perplexity": default_data("text-eval"),
     "repetition": os.path.join(DATA, "instructions", "test.jsonl"),
+    "reward": default_data("rm-eval"),
 }
 # Generation is the slow part: sampling every prompt of a split is rarely needed to see loops.
-DEFAULT_LIMITS = {"repetition": 100}
+DEFAULT_LIMITS = {"repetition": 100, "reward": 100}
 # The --compare table's columns per task.
 TABLE_FIGURES = {
     "math": ("accuracy", "answered", "mean_completion_tokens"),
@@ -33,12 +34,14 @@ TABLE_FIGURES = {
         "non_repetition",
         "mean_words",
     ),
+    "reward": ("mean_score", "pairwise_accuracy"),
 }
 # The figures the --compare chart draws, one panel each (their scales differ).
 CHART_FIGURES = {
     "math": ("accuracy",),
     "perplexity": ("perplexity",),
     "repetition": ("distinct_1", "distinct_2", "repeated_3gram_rate", "non_repetition"),
+    "reward": ("mean_score",),
 }
 
 
@@ -57,6 +60,7 @@ def task_parts(task: str):
         "math": (ev.MathEvalConfig, ev.math_examples, ev.evaluate_math),
         "perplexity": (ev.PerplexityConfig, ev.lm_examples, ev.evaluate_perplexity),
         "repetition": (ev.RepetitionConfig, ev.prompt_conversations, ev.evaluate_repetition),
+        "reward": (ev.RewardEvalConfig, ev.reward_examples, ev.evaluate_reward),
     }[task]
 
 
@@ -143,7 +147,23 @@ def echo_repetition(report: dict) -> None:
     )
 
 
-ECHO = {"math": echo_math, "perplexity": echo_perplexity, "repetition": echo_repetition}
+def echo_reward(report: dict) -> None:
+    if report["source"] == "data":
+        click.echo(
+            f"pairwise accuracy {report['pairwise_accuracy']:.3f} on {report['n']} pairs, mean score {report['mean_score']:.4f} (chosen {report['chosen_mean_score']:.4f}, rejected {report['rejected_mean_score']:.4f}) ({report['backend']})"
+        )
+    else:
+        click.echo(
+            f"mean score {report['mean_score']:.4f} (std {report['score_std']:.4f}) over {report['n']} generations, mean {report['mean_completion_tokens']:.1f} tokens ({report['backend']})"
+        )
+
+
+ECHO = {
+    "math": echo_math,
+    "perplexity": echo_perplexity,
+    "repetition": echo_repetition,
+    "reward": echo_reward,
+}
 
 
 def format_figure(value) -> str:
@@ -215,7 +235,8 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     default="math",
     show_default=True,
     help="math: GSM8K-style exact match of the final number. perplexity: exp of the mean "
-    "token NLL. repetition: diversity and loops of sampled completions.",
+    "token NLL. repetition: diversity and loops of sampled completions. reward: "
+    "reward-model scores (--reward-model).",
 )
 @click.option(
     "--model",
@@ -248,7 +269,8 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     "data_path",
     default=None,
     help="Dataset; default: the bundled test split of the task (math: question/answer or "
-    "prompt/answer; perplexity: text or any SFT format; repetition: any SFT format).",
+    "prompt/answer; perplexity: text or any SFT format; repetition: any SFT format; reward: "
+    "preference pairs, or prompts).",
 )
 @click.option(
     "--backend",
@@ -263,16 +285,19 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     "--limit",
     type=int,
     default=None,
-    help="Evaluate the first N examples only; default: all (repetition: 100).",
+    help="Evaluate the first N examples only; default: all (repetition, reward: 100).",
 )
 @click.option(
-    "--max-new-tokens", type=int, default=None, help="Default: 256 (math), 128 (repetition)."
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="Default: 256 (math), 128 (repetition, reward).",
 )
 @click.option(
     "--temperature",
     type=float,
     default=None,
-    help="0: greedy decoding. Default: 0 (math), 1 (repetition).",
+    help="0: greedy decoding. Default: 0 (math, reward), 1 (repetition).",
 )
 @click.option("--top-p", type=float, default=None, help="Default: 1 (off).")
 @click.option("--top-k", type=int, default=None, help="Default: 0 (off).")
@@ -280,9 +305,15 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     "--batch-size",
     type=int,
     default=None,
-    help="Default: 64 prompts (math, repetition), 8 sequences (perplexity).",
+    help="Default: 64 prompts (math, repetition, reward), 8 sequences (perplexity).",
 )
 @click.option("--seed", type=int, default=None, help="Sampling seed; default: 0.")
+@click.option(
+    "--reward-model",
+    type=click.Path(),
+    default=None,
+    help="--task reward: the reward model, the final/ directory of an `mlxpost rm` run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate(
     task,
@@ -311,6 +342,9 @@ def evaluate(
                 repeated_3gram_rate: mean share of a completion's 3-grams that
                 repeat an earlier one. non_repetition: share of completions
                 whose repeated-4-gram share is at most 0.3 (1: none loops).
+    reward:     --reward-model DIR scores the model's greedy completions to the
+                prompts (mean_score); on preference data (chosen/rejected) it
+                scores the data's pairs: mean_score and pairwise_accuracy.
 
     \b
     Compare a base model with two adapters trained on it (one table, one PNG):

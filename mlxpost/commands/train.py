@@ -7,8 +7,10 @@ import json
 import click
 
 from mlxpost.algorithms.distill import DistillConfig
+from mlxpost.algorithms.dpo import DPOConfig
 from mlxpost.algorithms.grpo import GRPOConfig
 from mlxpost.algorithms.ppo import PPOConfig
+from mlxpost.algorithms.rm import RMConfig
 from mlxpost.algorithms.sft import SFTConfig
 from mlxpost.commands import json_safe
 from mlxpost.config import cli_options, resolve
@@ -104,3 +106,54 @@ def ppo(ctx, config_file, **values):
     cfg = resolve(PPOConfig, ctx, values, config_file)
     session = setup("ppo", cfg, scalar_head=True)
     finish(train(session, PPO(session, cfg)))
+
+
+@click.command()
+@cli_options(RMConfig)
+@click.pass_context
+def rm(ctx, config_file, **values):
+    """Reward model: the LM trunk plus a scalar head, trained on preference pairs.
+
+    \b
+    Default data: the bundled preference pairs (prompt/chosen/rejected; held-out:
+    their test split); any preference format works (explicit, implicit, HH-RLHF
+    dialogues). Loss: Bradley-Terry -log sigmoid(r_chosen - r_rejected - margin),
+    with the `margin` column when the data has one, plus --centring-coef times
+    mean((r_chosen + r_rejected)^2). The reward is read at the last token.
+    Trains a LoRA adapter and the head (--full: every weight). final/ gets
+    reward_model.json, so `mlxpost eval --task reward --reward-model RUN/final`
+    and RL rewards can load it.
+    """
+    from mlxpost.algorithms.rm import RewardModel, save_reward_model_info
+    from mlxpost.loop import setup, train
+
+    cfg = resolve(RMConfig, ctx, values, config_file)
+    session = setup("rm", cfg, scalar_head=True)
+    summary = train(session, RewardModel(session, cfg))
+    summary["reward_model"] = save_reward_model_info(session)
+    finish(summary)
+
+
+@click.command()
+@cli_options(DPOConfig)
+@click.pass_context
+def dpo(ctx, config_file, **values):
+    """Direct preference optimisation: DPO/cDPO, IPO, hinge, robust DPO, or KTO.
+
+    \b
+    Default data: the bundled preference pairs (held-out: their test split).
+    --loss sigmoid | ipo | hinge | robust train on pairs; --loss kto on
+    completions labelled desirable or not (prompt/completion/label), paired data
+    being split into chosen (desirable) and rejected. The reference is the base
+    model with the adapter off (--full: the base checkpoint; or --reference),
+    its logprobs precomputed once (--reference-mode precompute) or recomputed
+    each step (live). Evaluations report held-out preference accuracy by the
+    implicit reward, and optionally greedy math accuracy (--eval-math N) and a
+    reward model's mean score of greedy generations (--eval-reward-model DIR).
+    """
+    from mlxpost.algorithms.dpo import DPO
+    from mlxpost.loop import setup, train
+
+    cfg = resolve(DPOConfig, ctx, values, config_file)
+    session = setup("dpo", cfg)
+    finish(train(session, DPO(session, cfg)))

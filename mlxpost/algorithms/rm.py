@@ -1,0 +1,266 @@
+"""Reward modelling: a scalar head on the LM trunk, trained on preference pairs.
+
+The reward r(x, y) is the scalar head (mlxpost/heads.py) read at the last
+non-padding token of prompt + completion. The loss is Bradley-Terry's
+negative log-likelihood (Ouyang et al., 2022, eq. 1), with the optional
+per-pair `margin` column subtracted inside the sigmoid (Llama 2, Touvron et
+al., 2023):
+
+    -log sigmoid(r_chosen - r_rejected - margin)
+
+plus, with --centring-coef eta > 0, the auxiliary centring term of Eisenstein
+et al. (2023), eta * mean((r_chosen + r_rejected)^2), which pins the reward's
+free offset near 0 without changing which completion is preferred.
+
+By default a LoRA adapter and the head are trained (--full: every weight and
+the head). final/ holds trainable.npz (adapter or all weights, and the head),
+the PEFT adapter with --lora, and reward_model.json naming the base model, so
+mlxpost.reward_model.load_reward_model can score text later (`mlxpost eval
+--task reward`, RL rewards).
+
+The pair helpers here (loading, stacking chosen over rejected) are shared with DPO.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from mlxpost import assets
+from mlxpost.algorithms.supervised import Batches, collate
+from mlxpost.config import TrainConfig, option
+from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
+from mlxpost.errors import UserError
+from mlxpost.functional import last_token_index
+from mlxpost.loop import Session
+from mlxpost.reward_model import REWARD_MODEL_FILE
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    centring_coef: float = option(
+        0.0,
+        "Weight of the reward-centring term mean((r_chosen + r_rejected)^2) (Eisenstein et al., "
+        "2023, use 0.01); 0: off.",
+    )
+    on_too_long: str = option(
+        "drop",
+        "Pairs with a side over --max-length: drop them or truncate the completions.",
+        ("drop", "truncate"),
+    )
+    eval_limit: int = option(300, "Held-out pairs scored at each evaluation (0: all).")
+    eval_batch_size: int = option(16, "Pairs per batch when evaluating.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.centring_coef < 0:
+            raise UserError(f"--centring-coef must be >= 0, got {self.centring_coef}")
+
+
+# ---- preference pairs on the loop (shared with DPO) ----
+
+
+def load_pairs(
+    path: str,
+    command: str,
+    tokenizer,
+    cfg: TokenizeConfig,
+    say,
+    limit: int | None = None,
+):
+    """(tokenised (chosen, rejected) pairs, their PreferenceExamples), exact duplicates dropped.
+
+    No quality filter: a rejected completion is often bad on purpose (loops, rudeness)."""
+    fmt, examples = load_examples(path, command)
+    if limit:
+        examples = examples[:limit]
+    examples, report = deduplicate(examples)
+    if report["dropped"]:
+        say(f"{path}: {report['dropped']} exact duplicate pairs dropped")
+    pairs, lengths = tokenize_preferences(examples, tokenizer, cfg)
+    dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
+    if dropped or lengths["truncated"]:
+        say(
+            f"{path}: {dropped} pairs longer than {cfg.max_length} tokens dropped, "
+            f"{lengths['truncated']} truncated"
+        )
+    if not pairs:
+        raise UserError(
+            f"{path}: no pairs left after deduplication and the length limit ({cfg.max_length} tokens)"
+        )
+    kept = [examples[chosen.index] for chosen, _ in pairs]
+    say(f"{path}: {len(pairs)} preference pairs ({fmt})")
+    return pairs, kept
+
+
+def collate_pairs(pairs, pad_id: int, margins=None) -> dict[str, np.ndarray]:
+    """B pairs as one right-padded batch of 2B rows: chosen in rows [0, B), rejected in
+    [B, 2B); with `last_index` (2B,), the last real token of each row, and `margin` (B,)."""
+    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    batch = collate(rows, pad_id)
+    batch["last_index"] = last_token_index(batch["attention_mask"]).astype(np.int32)
+    batch["margin"] = (
+        np.zeros(len(pairs), np.float32) if margins is None else np.asarray(margins, np.float32)
+    )
+    return batch
+
+
+def pair_chunks(indices: np.ndarray, count: int) -> list[np.ndarray]:
+    """`indices` split into `count` consecutive microbatches (the last ones may be smaller)."""
+    return [chunk for chunk in np.array_split(np.asarray(indices), count) if len(chunk)]
+
+
+# ---- the math ----
+
+
+def pair_rewards(ops, forward, batch):
+    """(r_chosen (B,), r_rejected (B,)): the scalar head at each row's last real token."""
+    scores = forward.scores(batch["input_ids"], batch["attention_mask"])  # (2B, T)
+    rewards = ops.take_along_axis(scores, batch["last_index"][:, None], axis=1)[:, 0]  # (2B,)
+    pairs = batch["margin"].shape[0]
+    return rewards[:pairs], rewards[pairs:]
+
+
+def bradley_terry(ops, chosen, rejected, margin, centring_coef: float = 0.0):
+    """(mean loss, metrics) of rewards (B,): -log sigmoid(r_c - r_r - margin), plus
+    centring_coef * mean((r_c + r_r)^2)."""
+    difference = chosen - rejected
+    nll = -ops.mean(ops.log_sigmoid(difference - margin))
+    loss = nll
+    if centring_coef > 0:
+        loss = nll + centring_coef * ops.mean(ops.square(chosen + rejected))
+    # Each mean is taken once: mlx 0.32's compiled step fails (IndexError _Map_base::at) when
+    # a metric repeats a reduction another metric also computes (mean(chosen) twice).
+    reward_chosen, reward_rejected = ops.mean(chosen), ops.mean(rejected)
+    metrics = {
+        "bt_loss": nll,
+        "accuracy": ops.mean(ops.where(difference > 0, 1.0, 0.0)),
+        "margin": ops.mean(difference),
+        "reward_mean": 0.5 * (reward_chosen + reward_rejected),
+        "reward_chosen": reward_chosen,
+        "reward_rejected": reward_rejected,
+    }
+    return loss, metrics
+
+
+def rm_loss(ops, forward, batch, cfg: RMConfig):
+    """Bradley-Terry loss (+ centring) of a stacked pair batch (see collate_pairs)."""
+    chosen, rejected = pair_rewards(ops, forward, batch)
+    return bradley_terry(ops, chosen, rejected, batch["margin"], cfg.centring_coef)
+
+
+# ---- the loop ----
+
+
+class RewardModel:
+    command = "rm"
+
+    def __init__(self, session: Session, cfg: RMConfig):
+        self.session, self.cfg = session, cfg
+        info = session.info
+        data = cfg.data or assets.default_data(self.command)
+        eval_data = cfg.eval_data or (
+            assets.default_data(f"{self.command}-eval") if not cfg.data else None
+        )
+        tokenize = TokenizeConfig(max_length=cfg.max_length, on_too_long=cfg.on_too_long)
+        self.train_pairs, train_examples = load_pairs(
+            data, self.command, info.tokenizer, tokenize, session.say
+        )
+        self.train_margins = np.array(
+            [ex.margin or 0.0 for ex in train_examples], np.float32
+        )  # a missing margin is 0: the plain Bradley-Terry loss
+        self.eval_pairs, eval_examples = (
+            load_pairs(
+                eval_data,
+                self.command,
+                info.tokenizer,
+                tokenize,
+                session.say,
+                limit=cfg.eval_limit,
+            )
+            if eval_data
+            else ([], [])
+        )
+        self.eval_margins = np.array([ex.margin or 0.0 for ex in eval_examples], np.float32)
+        self.batches = Batches(self.train_pairs, cfg.batch_size, cfg.seed, info.pad_id)
+        self.loss_fn = partial(rm_loss, cfg=cfg)  # built once: MLX caches its compiled step
+
+    def batch(self, indices, pairs, margins) -> dict[str, np.ndarray]:
+        return collate_pairs(
+            [pairs[i] for i in indices], self.session.info.pad_id, margins[indices]
+        )
+
+    def train_step(self, step: int) -> dict[str, float]:
+        session, cfg = self.session, self.cfg
+        chunks = pair_chunks(self.batches.indices(step), cfg.grad_accum)
+        parts = [self.batch(chunk, self.train_pairs, self.train_margins) for chunk in chunks]
+        session.backend.seed(cfg.seed + step)  # LoRA dropout draws
+        metrics = session.backend.train_step(
+            session.model,
+            session.optimizer,
+            self.loss_fn,
+            parts,
+            [float(len(chunk)) for chunk in chunks],  # a mean over every pair of the step
+        )
+        metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))
+        return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not self.eval_pairs:
+            return {}
+        figures = held_out_pairs(
+            self.session.backend,
+            self.session.model,
+            self.loss_fn,
+            self.eval_pairs,
+            self.session.info.pad_id,
+            self.cfg.eval_batch_size,
+            self.eval_margins,
+        )
+        out = {"eval_loss": figures["loss"], "eval_accuracy": figures["accuracy"]}
+        out.update(
+            {
+                f"eval_{key}": figures[key]
+                for key in ("margin", "reward_mean", "reward_chosen", "reward_rejected")
+            }
+        )
+        return out
+
+
+def held_out_pairs(
+    backend, model, loss_fn, pairs, pad_id: int, batch_size: int, margins=None, extra=None
+) -> dict[str, float]:
+    """Pair-weighted means of loss_fn's loss and metrics over `pairs` (no gradients).
+
+    extra(indices) may return more arrays for each batch (e.g. reference logprobs)."""
+    order = np.argsort([len(c.input_ids) + len(r.input_ids) for c, r in pairs], kind="stable")
+    margins = np.zeros(len(pairs), np.float32) if margins is None else margins
+    totals: dict[str, float] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate_pairs([pairs[i] for i in indices], pad_id, margins[indices])
+        if extra is not None:
+            batch.update(extra(indices))
+        loss, metrics = backend.evaluate(model, loss_fn, batch)
+        for key, value in {"loss": loss, **metrics}.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
+    return {key: value / max(len(pairs), 1) for key, value in totals.items()}
+
+
+def save_reward_model_info(session: Session) -> str:
+    """final/reward_model.json: what mlxpost.reward_model.load_reward_model needs."""
+    cfg = session.cfg
+    path = os.path.join(session.run.path, "final", REWARD_MODEL_FILE)
+    info = {
+        "kind": "reward_model",
+        "base_model": os.path.abspath(cfg.model),
+        "lora": bool(cfg.lora),
+        "max_length": cfg.max_length,
+    }
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+    return path
