@@ -30,3 +30,9 @@ def tiny_dir(tmp_path_factory):
     for arch in ("gpt2", "gemma2"):
         builder.build(arch, str(root / f"tiny-{arch}"))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_builder():
+    """scripts/build_tiny_models.py as a module (build, build_tokenizer)."""
+    return load_builder()

@@ -94,14 +94,12 @@ def test_trace_sft_lowers_the_loss(tiny_dir, tmp_path):
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
 
 
-def test_teacher_with_another_tokenizer_is_refused(tiny_dir, tmp_path):
+def test_teacher_with_another_tokenizer_is_refused(tiny_dir, tiny_builder, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     for name in ("config.json", "model.safetensors"):
         (other / name).write_bytes((tiny_dir / "tiny-gpt2" / name).read_bytes())
-    from conftest import load_builder
-
-    load_builder().build_tokenizer(vocab_size=300).save_pretrained(str(other))
+    tiny_builder.build_tokenizer(vocab_size=300).save_pretrained(str(other))
     result = distill(
         tiny_dir / "tiny-gpt2",
         traces(tmp_path / "t.jsonl"),
