@@ -42,6 +42,10 @@ from mlxpost.reward_model import REWARD_MODEL_FILE
 
 @dataclass
 class RMConfig(TrainConfig):
+    learning_rate: float = option(
+        1e-3, "Peak learning rate (AdamW); LoRA on small models wants a high one."
+    )
+    steps: int = option(100, "Optimizer steps.")
     centring_coef: float = option(
         0.0,
         "Weight of the reward-centring term mean((r_chosen + r_rejected)^2) (Eisenstein et al., "

@@ -31,6 +31,9 @@ from mlxpost.loop import Session
 
 @dataclass
 class SFTConfig(TrainConfig):
+    learning_rate: float = option(
+        1e-3, "Peak learning rate (AdamW); LoRA on small models wants a high one."
+    )
     completion_only: bool = option(
         True,
         "Loss on completion tokens only (--completion-only) or on every token (--all-tokens).",
