@@ -48,3 +48,32 @@ def backends():
     from mlxpost.backend import get_backend
 
     return get_backend("torch"), get_backend("mlx")
+
+
+@pytest.fixture
+def array_backends():
+    """(name, ops, convert) for every installed array library, numpy first."""
+    import numpy as np
+
+    from mlxpost.ops import NumpyOps
+
+    found = [("numpy", NumpyOps, lambda x: np.asarray(x))]
+    try:
+        import torch
+
+        from torch_backend.ops import TorchOps
+
+        found.append(
+            ("torch", TorchOps(torch.device("cpu")), lambda x: torch.as_tensor(np.asarray(x)))
+        )
+    except ImportError:
+        pass
+    try:
+        import mlx.core as mx
+
+        from mlxpost.mlx_backend.ops import MLXOps
+
+        found.append(("mlx", MLXOps(), lambda x: mx.array(np.asarray(x))))
+    except ImportError:
+        pass
+    return found

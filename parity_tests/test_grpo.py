@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from mlxpost.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss
-from mlxpost.ops import NumpyOps
 
 
 class FixedLogits:
@@ -149,30 +148,6 @@ def test_rank_advantages():
     rewards = np.array([3.0, 1.0, 2.0, 2.0])
     # ranks 3, 0, 1.5, 1.5 (ties averaged), centred at 1.5 and scaled by 1.5
     np.testing.assert_allclose(group_advantages(rewards, 4, "rank"), [1.0, -1.0, 0.0, 0.0])
-
-
-@pytest.fixture
-def array_backends():
-    found = [("numpy", NumpyOps, lambda x: np.asarray(x))]
-    try:
-        import torch
-
-        from torch_backend.ops import TorchOps
-
-        found.append(
-            ("torch", TorchOps(torch.device("cpu")), lambda x: torch.as_tensor(np.asarray(x)))
-        )
-    except ImportError:
-        pass
-    try:
-        import mlx.core as mx
-
-        from mlxpost.mlx_backend.ops import MLXOps
-
-        found.append(("mlx", MLXOps(), lambda x: mx.array(np.asarray(x))))
-    except ImportError:
-        pass
-    return found
 
 
 def test_one_update_matches_across_backends(backends, tiny_dir):

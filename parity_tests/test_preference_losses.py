@@ -18,31 +18,6 @@ from mlxpost.ops import NumpyOps
 BETA = 0.5
 
 
-@pytest.fixture
-def array_backends():
-    """(name, ops, convert) for every installed array library, numpy first."""
-    found = [("numpy", NumpyOps, lambda x: np.asarray(x))]
-    try:
-        import torch
-
-        from torch_backend.ops import TorchOps
-
-        found.append(
-            ("torch", TorchOps(torch.device("cpu")), lambda x: torch.as_tensor(np.asarray(x)))
-        )
-    except ImportError:
-        pass
-    try:
-        import mlx.core as mx
-
-        from mlxpost.mlx_backend.ops import MLXOps
-
-        found.append(("mlx", MLXOps(), lambda x: mx.array(np.asarray(x))))
-    except ImportError:
-        pass
-    return found
-
-
 class FixedModel:
     """A forward whose logits, reference logits and scores are given arrays."""
 
