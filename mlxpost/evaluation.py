@@ -10,9 +10,9 @@ import numpy as np
 from tqdm import tqdm
 
 from mlxpost.answers import extract_answer, normalise_number
-from mlxpost.backend import Backend, SamplingConfig
+from mlxpost.backend import Backend
 from mlxpost.errors import UserError
-from mlxpost.generation import encode_prompt, generate
+from mlxpost.generation import generate_replies
 from mlxpost.tokenizer import TokenizerInfo
 
 
@@ -51,15 +51,8 @@ def evaluate_math(
     backend: Backend, model, info: TokenizerInfo, examples: list[MathExample], cfg: MathEvalConfig
 ) -> dict:
     """Exact-match accuracy of the extracted final number (GSM8K-style)."""
-    prompts = [encode_prompt(info.tokenizer, ex.prompt_messages) for ex in examples]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-    )
-    out = generate(
-        backend, model, info, prompts, sampling, cfg.batch_size, cfg.seed, desc="eval math"
+    out = generate_replies(
+        backend, model, info, [ex.prompt_messages for ex in examples], cfg, "eval math"
     )
     predicted = [extract_answer(text) for text in out.texts]
     correct = np.array(
@@ -262,16 +255,7 @@ def evaluate_repetition(
     cfg: RepetitionConfig,
 ) -> dict:
     """Sample one completion per prompt and measure how varied and loop-free they are."""
-    encoded = [encode_prompt(info.tokenizer, messages) for messages in prompts]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-    )
-    out = generate(
-        backend, model, info, encoded, sampling, cfg.batch_size, cfg.seed, desc="eval repetition"
-    )
+    out = generate_replies(backend, model, info, prompts, cfg, "eval repetition")
     report = {"task": "repetition", "n": len(prompts), **repetition_metrics(out.texts)}
     report["mean_completion_tokens"] = float(out.lengths.mean()) if prompts else 0.0
     report["truncated"] = float(np.mean(~out.finished)) if prompts else 0.0
@@ -329,16 +313,7 @@ def score_generations(
 ) -> dict:
     """Generate one completion per prompt and score it with a reward model (`scorer`:
     mlxpost.reward_model.RewardModelScorer)."""
-    encoded = [encode_prompt(info.tokenizer, messages) for messages in prompts]
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-    )
-    out = generate(
-        backend, model, info, encoded, sampling, cfg.batch_size, cfg.seed, desc="eval reward"
-    )
+    out = generate_replies(backend, model, info, prompts, cfg, "eval reward")
     scores = scorer(prompts, out.texts) if prompts else np.zeros(0, np.float32)
     return {
         "task": "reward",

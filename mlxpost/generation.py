@@ -64,3 +64,18 @@ def generate(
                 finished[target] = samples.finished[row]
             bar.update(len(chunk))
     return Generations(all_samples, order, texts, lengths, finished)
+
+
+def generate_replies(
+    backend: Backend, model, info: TokenizerInfo, conversations, cfg, desc: str
+) -> Generations:
+    """One completion per conversation, with the sampling fields of an eval config
+    (max_new_tokens, temperature, top_p, top_k, batch_size, seed)."""
+    prompts = [encode_prompt(info.tokenizer, messages) for messages in conversations]
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+    )
+    return generate(backend, model, info, prompts, sampling, cfg.batch_size, cfg.seed, desc=desc)
