@@ -119,6 +119,8 @@ def save_checkpoint(session: Session, algorithm, step: int, final: bool = False)
         with open(os.path.join(staging, "algorithm.json"), "w") as f:
             json.dump(algorithm.state(), f)
     export_model(session, staging)
+    if hasattr(algorithm, "export"):  # extra files an algorithm's users need (reward_model.json)
+        algorithm.export(staging)
     run.commit_checkpoint(
         staging,
         target,

@@ -163,6 +163,10 @@ def rm_loss(ops, forward, batch, cfg: RMConfig):
 class RewardModel:
     command = "rm"
 
+    def export(self, directory: str) -> None:
+        """Every checkpoint (final/ included) is a loadable reward model."""
+        write_reward_model_info(self.session, directory)
+
     def __init__(self, session: Session, cfg: RMConfig):
         self.session, self.cfg = session, cfg
         info = session.info
@@ -255,16 +259,14 @@ def held_out_pairs(
     return {key: value / max(len(pairs), 1) for key, value in totals.items()}
 
 
-def save_reward_model_info(session: Session) -> str:
-    """final/reward_model.json: what mlxpost.reward_model.load_reward_model needs."""
+def write_reward_model_info(session: Session, directory: str) -> None:
+    """reward_model.json: what mlxpost.reward_model.load_reward_model needs."""
     cfg = session.cfg
-    path = os.path.join(session.run.path, "final", REWARD_MODEL_FILE)
     info = {
         "kind": "reward_model",
         "base_model": os.path.abspath(cfg.model),
         "lora": bool(cfg.lora),
         "max_length": cfg.max_length,
     }
-    with open(path, "w") as f:
+    with open(os.path.join(directory, REWARD_MODEL_FILE), "w") as f:
         json.dump(info, f, indent=2)
-    return path

@@ -16,9 +16,27 @@ from mlxpost.commands import json_safe
 from mlxpost.config import cli_options, resolve
 
 
-def finish(summary: dict) -> None:
-    """The final figures, one JSON object on stdout (progress went to stderr)."""
-    click.echo(json.dumps(json_safe(summary), indent=2))
+def run(
+    command: str,
+    config_cls,
+    algorithm: str,
+    ctx,
+    values: dict,
+    config_file,
+    scalar_head: bool = False,
+) -> None:
+    """Resolve the config, set up, train, and print the final figures as one JSON object
+    on stdout (progress goes to stderr). `algorithm` is "module:Class" under
+    mlxpost.algorithms, imported only now so --help stays fast."""
+    import importlib
+
+    from mlxpost.loop import setup, train
+
+    module, name = algorithm.split(":")
+    algorithm_cls = getattr(importlib.import_module(f"mlxpost.algorithms.{module}"), name)
+    cfg = resolve(config_cls, ctx, values, config_file)
+    session = setup(command, cfg, scalar_head=scalar_head)
+    click.echo(json.dumps(json_safe(train(session, algorithm_cls(session, cfg))), indent=2))
 
 
 @click.command()
@@ -34,12 +52,7 @@ def sft(ctx, config_file, **values):
     The run directory gets config.yaml, metrics.jsonl, checkpoints/, final/
     and summary.json; --resume continues the newest checkpoint.
     """
-    from mlxpost.algorithms.sft import SFT
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(SFTConfig, ctx, values, config_file)
-    session = setup("sft", cfg)
-    finish(train(session, SFT(session, cfg)))
+    run("sft", SFTConfig, "sft:SFT", ctx, values, config_file)
 
 
 @click.command()
@@ -55,12 +68,7 @@ def distill(ctx, config_file, **values):
     (--jsd-beta), optionally plus --sft-weight times the data's NLL. Evaluations
     report math accuracy and reasoning length (think share, words, steps).
     """
-    from mlxpost.algorithms.distill import Distill
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(DistillConfig, ctx, values, config_file)
-    session = setup("distill", cfg)
-    finish(train(session, Distill(session, cfg)))
+    run("distill", DistillConfig, "distill:Distill", ctx, values, config_file)
 
 
 @click.command()
@@ -78,12 +86,7 @@ def grpo(ctx, config_file, **values):
     measured every --eval-every steps. User rewards: --rewards my_module:fn
     (batched: prompts, completions, dataset columns -> list of floats).
     """
-    from mlxpost.algorithms.grpo import GRPO
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(GRPOConfig, ctx, values, config_file)
-    session = setup("grpo", cfg)
-    finish(train(session, GRPO(session, cfg)))
+    run("grpo", GRPOConfig, "grpo:GRPO", ctx, values, config_file)
 
 
 @click.command()
@@ -100,12 +103,7 @@ def ppo(ctx, config_file, **values):
     policy and value losses, --ppo-epochs over --minibatches, early stop at
     1.5 x --target-kl. Logs value loss and explained variance.
     """
-    from mlxpost.algorithms.ppo import PPO
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(PPOConfig, ctx, values, config_file)
-    session = setup("ppo", cfg, scalar_head=True)
-    finish(train(session, PPO(session, cfg)))
+    run("ppo", PPOConfig, "ppo:PPO", ctx, values, config_file, scalar_head=True)
 
 
 @click.command()
@@ -124,14 +122,7 @@ def rm(ctx, config_file, **values):
     reward_model.json, so `mlxpost eval --task reward --reward-model RUN/final`
     and RL rewards can load it.
     """
-    from mlxpost.algorithms.rm import RewardModel, save_reward_model_info
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(RMConfig, ctx, values, config_file)
-    session = setup("rm", cfg, scalar_head=True)
-    summary = train(session, RewardModel(session, cfg))
-    summary["reward_model"] = save_reward_model_info(session)
-    finish(summary)
+    run("rm", RMConfig, "rm:RewardModel", ctx, values, config_file, scalar_head=True)
 
 
 @click.command()
@@ -151,9 +142,4 @@ def dpo(ctx, config_file, **values):
     implicit reward, and optionally greedy math accuracy (--eval-math N) and a
     reward model's mean score of greedy generations (--eval-reward-model DIR).
     """
-    from mlxpost.algorithms.dpo import DPO
-    from mlxpost.loop import setup, train
-
-    cfg = resolve(DPOConfig, ctx, values, config_file)
-    session = setup("dpo", cfg)
-    finish(train(session, DPO(session, cfg)))
+    run("dpo", DPOConfig, "dpo:DPO", ctx, values, config_file)
