@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlxpost import assets
-from mlxpost.algorithms.rm import held_out_pairs, load_pairs, pair_chunks
+from mlxpost.algorithms.rm import held_out_pairs, load_pairs, pair_step
 from mlxpost.algorithms.supervised import Batches, collate
 from mlxpost.backend import adapter_disabled
 from mlxpost.config import TrainConfig, option
@@ -469,19 +469,7 @@ class DPO:
         return self.pair_batch(indices)
 
     def train_step(self, step: int) -> dict[str, float]:
-        session, cfg = self.session, self.cfg
-        chunks = pair_chunks(self.batches.indices(step), cfg.grad_accum)
-        parts = [self.batch(chunk) for chunk in chunks]
-        session.backend.seed(cfg.seed + step)  # LoRA dropout draws
-        metrics = session.backend.train_step(
-            session.model,
-            session.optimizer,
-            self.loss_fn,
-            parts,
-            [float(len(chunk)) for chunk in chunks],  # a mean over every example of the step
-        )
-        metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))
-        return metrics
+        return pair_step(self.session, self.loss_fn, self.batches, step, self.batch)
 
     # ---- evaluation ----
 

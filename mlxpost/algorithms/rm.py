@@ -203,19 +203,13 @@ class RewardModel:
         )
 
     def train_step(self, step: int) -> dict[str, float]:
-        session, cfg = self.session, self.cfg
-        chunks = pair_chunks(self.batches.indices(step), cfg.grad_accum)
-        parts = [self.batch(chunk, self.train_pairs, self.train_margins) for chunk in chunks]
-        session.backend.seed(cfg.seed + step)  # LoRA dropout draws
-        metrics = session.backend.train_step(
-            session.model,
-            session.optimizer,
+        return pair_step(
+            self.session,
             self.loss_fn,
-            parts,
-            [float(len(chunk)) for chunk in chunks],  # a mean over every pair of the step
+            self.batches,
+            step,
+            lambda chunk: self.batch(chunk, self.train_pairs, self.train_margins),
         )
-        metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))
-        return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         if not self.eval_pairs:
@@ -257,6 +251,19 @@ def held_out_pairs(
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
     return {key: value / max(len(pairs), 1) for key, value in totals.items()}
+
+
+def pair_step(session: Session, loss_fn, batches, step: int, make_batch) -> dict[str, float]:
+    """One optimizer step over the step's examples, split into --grad-accum chunks that
+    weigh by their size, so the loss is a mean over every example (RM and DPO)."""
+    cfg = session.cfg
+    chunks = pair_chunks(batches.indices(step), cfg.grad_accum)
+    parts = [make_batch(chunk) for chunk in chunks]
+    session.backend.seed(cfg.seed + step)  # LoRA dropout draws
+    weights = [float(len(chunk)) for chunk in chunks]
+    metrics = session.backend.train_step(session.model, session.optimizer, loss_fn, parts, weights)
+    metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))
+    return metrics
 
 
 def write_reward_model_info(session: Session, directory: str) -> None:
