@@ -77,3 +77,41 @@ def array_backends():
     except ImportError:
         pass
     return found
+
+
+@pytest.fixture
+def one_update(backends):
+    """compare(checkpoint, loss_fn, batch, metric_keys, scalar_head=False): load the checkpoint
+    in both backends with identical LoRA weights (B non-zero), take one AdamW step on the
+    batch, and assert the same metrics and updated weights (float32, 1e-5 relative).
+    Returns the reference backend's metrics and trainable weights."""
+    import numpy as np
+
+    from mlxpost.backend import LoraConfig, OptimConfig
+    from mlxpost.parity import parity_lora_init
+
+    def compare(checkpoint, loss_fn, make_batch, metric_keys, scalar_head=False):
+        models = []
+        for backend in backends:
+            model = backend.load_model(str(checkpoint))
+            if scalar_head:
+                backend.attach_scalar_head(model, seed=0)
+            backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
+            backend.set_parameters(model, parity_lora_init(backend.parameters(model, True), 0))
+            models.append(model)
+        batch = make_batch(backends[0], models[0])
+        optim = OptimConfig(learning_rate=1e-3, eps=1e-6, total_steps=1)
+        results, weights = [], []
+        for backend, model in zip(backends, models):
+            optimizer = backend.make_optimizer(model, optim)
+            results.append(backend.train_step(model, optimizer, loss_fn, [batch]))
+            weights.append(backend.parameters(model, trainable_only=True))
+        for key in metric_keys:
+            assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-7), key
+        for name in weights[0]:
+            diff = np.abs(weights[0][name] - weights[1][name]).max()
+            scale = max(1.0, float(np.abs(weights[0][name]).max()))
+            assert diff <= 1e-5 * scale, f"{name}: {diff:.3g}"
+        return results[0], weights[0]
+
+    return compare
