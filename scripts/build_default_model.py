@@ -6,7 +6,10 @@ Alpaca-style instructions, preferred answers, <think> reasoning traces and
 plain text. Math problems are drawn with their own seed and every question of
 the shipped math test split is excluded, so held-out accuracy is honest. The
 step count is chosen so the model is fluent in the formats but answers only a
-minority of held-out problems: post-training has room to show.
+minority of held-out problems: post-training has room to show. A later stage
+may give only the final answer for a share of the math documents
+(--direct-share): the model then mostly answers without working, and less
+often right, as base models trained on web text do.
 
     python scripts/build_default_model.py                # writes mlxpost/assets/model
     python scripts/build_default_model.py --steps 200 --output /tmp/m   # a quick try
@@ -61,21 +64,35 @@ def render(messages: list[dict]) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}{END}\n" for m in messages)
 
 
-def corpus(seed: int) -> list[str]:
-    """Documents in a seeded random order; no question of the math test split appears."""
+def answer_only(solution: str) -> str:
+    """A worked solution cut to its final `#### N` line: an answer given without working."""
+    return solution.strip().splitlines()[-1]
+
+
+def corpus(seed: int, direct_share: float = 0.0, math_docs: int = MIXTURE["math"]) -> list[str]:
+    """Documents in a seeded random order; no question of the math test split appears.
+
+    A share `direct_share` of the math documents keeps only the final answer line,
+    as much web text does: a model trained on the mix mostly answers directly,
+    and its rarer worked solutions are far more often right.
+    """
     rng = random.Random(seed)
+    direct = random.Random(seed + 202)  # its own stream: other documents do not change
     held_out = {row["question"] for row in read_jsonl(os.path.join(DATA, "math", "test.jsonl"))}
     docs = []
     math_problems = [
-        p
-        for p in synthetic.math_dataset(seed + 101, MIXTURE["math"])
-        if p["question"] not in held_out
+        p for p in synthetic.math_dataset(seed + 101, math_docs) if p["question"] not in held_out
     ]
     docs += [
         render(
             [
                 {"role": "user", "content": p["question"]},
-                {"role": "assistant", "content": p["answer"]},
+                {
+                    "role": "assistant",
+                    "content": answer_only(p["answer"])
+                    if direct.random() < direct_share
+                    else p["answer"],
+                },
             ]
         )
         for p in math_problems
@@ -188,6 +205,15 @@ def main() -> None:
         "--skip-steps", type=int, default=0, help="data-order steps the earlier build already took"
     )
     parser.add_argument(
+        "--direct-share",
+        type=float,
+        default=0.0,
+        help="share of math documents that give only the final answer line, no working",
+    )
+    parser.add_argument(
+        "--math-docs", type=int, default=MIXTURE["math"], help="math documents in the corpus"
+    )
+    parser.add_argument(
         "--eval-every",
         type=int,
         default=0,
@@ -199,7 +225,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    docs = corpus(args.seed)
+    docs = corpus(args.seed, args.direct_share, args.math_docs)
     # A later stage keeps the earlier stage's tokenizer; its --seed draws new documents.
     tokenizer = (
         PreTrainedTokenizerFast.from_pretrained(args.init_from)
@@ -272,6 +298,8 @@ def main() -> None:
         "seed": args.seed,
         "init_from": args.init_from and os.path.basename(os.path.normpath(args.init_from)),
         "skip_steps": args.skip_steps,
+        "direct_share": args.direct_share,
+        "math_docs": args.math_docs,
         "parameters": sum(p.numel() for p in model.parameters()),
         "final_loss": round(float(loss.item()), 4),
         "history": history,
@@ -294,6 +322,10 @@ def build_commands(args) -> list[str]:
         with open(os.path.join(args.init_from, "build.json"), encoding="utf-8") as f:
             earlier = json.load(f)["commands"]
     options = f"--steps {args.steps} --batch-size {args.batch_size} --learning-rate {args.learning_rate} --seed {args.seed}"
+    if args.direct_share:
+        options += f" --direct-share {args.direct_share}"
+    if args.math_docs != MIXTURE["math"]:
+        options += f" --math-docs {args.math_docs}"
     if args.init_from:
         options += f" --init-from STAGE{len(earlier)} --skip-steps {args.skip_steps}"
     # STAGEk are scratch directories; the last stage's output is what ships in mlxpost/assets/model.
@@ -312,6 +344,18 @@ def write_card(output: str, summary: dict) -> None:
         "byte-level BPE tokenizer (one token per digit) and the chat template of mlxpost/templates.py,",
         "pre-trained from scratch on a synthetic corpus in the formats of the bundled data.",
         "",
+        *(
+            [
+                f"In the last stage's corpus {summary['direct_share']:.0%} of the math documents give only the",
+                "final `#### N` line, with no working, as much web text does. The model therefore",
+                "answers most problems directly, and rarely right; when it writes out the steps it",
+                "is right far more often. That gap is what SFT on worked solutions and RL on",
+                "correctness can find.",
+                "",
+            ]
+            if summary.get("direct_share")
+            else []
+        ),
         "Rebuild (deterministic for a given seed and torch thread count); each stage continues",
         "the one before it:",
         "",

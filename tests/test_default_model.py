@@ -64,6 +64,8 @@ def test_builder_is_deterministic(tmp_path):
             "2",
             "--eval-limit",
             "0",
+            "--direct-share",
+            "0.5",
             "--output",
             str(out),
         ]
@@ -77,3 +79,13 @@ def test_builder_is_deterministic(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         outputs.append(digests(out))
     assert outputs[0] == outputs[1]
+
+
+def test_answer_only_keeps_the_final_line():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    pytest.importorskip("torch")
+    from build_default_model import answer_only
+
+    solution = "Mia has 5 * 12 = 60 crayons.\nMia has 60 - 37 = 23 crayons.\n#### 23"
+    assert answer_only(solution) == "#### 23"
+    assert answer_only("#### 7\n") == "#### 7"
