@@ -194,7 +194,9 @@ def train(session: Session, algorithm: Algorithm) -> dict:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             metrics = algorithm.train_step(step)
-            train_seconds += time.perf_counter() - began  # evaluation time is not training speed
+            seconds = time.perf_counter() - began
+            train_seconds += seconds  # evaluation time is not training speed
+            metrics["step_seconds"] = seconds
             tokens += metrics.get("tokens", 0.0)
             metrics["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
             record = {"step": step + 1, **metrics}
