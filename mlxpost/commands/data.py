@@ -72,3 +72,110 @@ def data_check(path, command, model_path, split, max_length, as_json):
         click.echo(format_check_report(report))
     if not report["usable"]:
         fail(report["reason"])
+
+
+@data.command("pairs")
+@click.argument("path")
+@click.option("--output", required=True, type=click.Path(), help="The .jsonl file to write.")
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(),
+    default=None,
+    help="Checkpoint directory to sample from; default: the bundled model.",
+)
+@click.option("--adapter", type=click.Path(), default=None, help="LoRA adapter to apply.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "mlx", "torch"]),
+    default="auto",
+    show_default=True,
+    help="auto: mlx on Apple Silicon, torch elsewhere.",
+)
+@click.option(
+    "--rewards",
+    default="math",
+    show_default=True,
+    help="Comma-separated reward functions (as for grpo): built-ins or module:function.",
+)
+@click.option("--reward-weights", default=None, help="Comma-separated weights, one per reward.")
+@click.option(
+    "--num-generations", default=8, show_default=True, help="Completions sampled per prompt."
+)
+@click.option("--temperature", default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Tokens per completion.")
+@click.option("--limit", type=int, default=None, help="Use the first N prompts only.")
+@click.option(
+    "--min-gap",
+    default=0.5,
+    show_default=True,
+    help="Smallest reward difference between chosen and rejected for a pair to be kept.",
+)
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+def data_pairs(
+    path,
+    output,
+    model_path,
+    adapter,
+    backend,
+    rewards,
+    reward_weights,
+    num_generations,
+    temperature,
+    max_new_tokens,
+    limit,
+    min_gap,
+    seed,
+):
+    """Make DPO pairs from a model's own samples: for each prompt of PATH (a dataset
+    `mlxpost grpo` reads), sample completions, score them with reward functions and
+    pair the best with the worst (on-policy preference data).
+
+    \b
+      mlxpost data pairs mlxpost/assets/data/rl/prompts.jsonl --limit 1000 --output pairs.jsonl
+      mlxpost dpo --data pairs.jsonl
+    """
+    import os
+
+    from mlxpost import assets
+    from mlxpost.backend import SamplingConfig
+    from mlxpost.commands import load_model_and_tokenizer
+    from mlxpost.data import load_examples
+    from mlxpost.pairs import sample_pairs
+    from mlxpost.rewards import RewardSet
+
+    if os.path.exists(output):
+        raise UserError(f"{output}: already exists; give a new --output")
+    if num_generations < 2:
+        raise UserError(f"--num-generations must be at least 2, got {num_generations}")
+    reward_set = RewardSet.parse(rewards, reward_weights)
+    _, examples = load_examples(path, "grpo")
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise UserError(f"{path}: no prompts")
+    backend_, model, info = load_model_and_tokenizer(
+        backend, model_path or assets.DEFAULT_MODEL, adapter, "float32"
+    )
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, n=num_generations
+    )
+    records, stats = sample_pairs(
+        backend_,
+        model,
+        info,
+        examples,
+        reward_set,
+        sampling,
+        min_gap,
+        seed,
+        lambda message: click.echo(message, err=True),
+    )
+    partial = f"{output}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, output)
+    click.echo(
+        f"{output}: {stats['pairs']} pairs from {stats['prompts']} prompts "
+        f"({stats['samples']} samples, mean reward {stats['mean_reward']:.3f})"
+    )
