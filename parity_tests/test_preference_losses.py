@@ -157,6 +157,31 @@ def test_pair_losses_match_the_oracle(overrides, mode, array_backends):
         )
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_rpo_adds_the_chosen_per_token_nll(loss, array_backends):
+    """RPO (Pang et al., 2024): the paired loss + alpha * mean over pairs of the chosen
+    completion's length-normalised NLL."""
+    alpha = 0.7
+    cfg = DPOConfig(beta=BETA, loss=loss, nll_alpha=alpha)
+    logits, reference, ids, mask = random_rows(1)
+    average = loss == "ipo"
+    policy = sequence_logps(logits, ids, mask, average)
+    ref = sequence_logps(reference, ids, mask, average)
+    h = (policy[:3] - ref[:3]) - (policy[3:] - ref[3:])
+    nll = -float(np.mean(sequence_logps(logits[:3], ids[:3], mask[:3], average=True)))
+    expected = oracle_pair_loss(h, loss, BETA, 0.0) + alpha * nll
+    batch = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "loss_mask": mask,
+        "ref_logps": ref.astype(np.float32),
+    }
+    for name, ops, convert in array_backends:
+        got, metrics = run_loss(dpo_loss, ops, convert, {"logits": logits}, batch, cfg)
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name}: {got} vs {expected}"
+        assert metrics["nll_chosen"] == pytest.approx(nll, rel=1e-5), name
+
+
 def test_without_smoothing_robust_and_cdpo_are_dpo():
     h = np.array([-2.0, 0.3, 4.0])
     zeros = np.zeros(3)

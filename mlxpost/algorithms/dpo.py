@@ -84,6 +84,10 @@ class DPOConfig(TrainConfig):
         0.0,
         "Assumed share of flipped labels eps for sigmoid (cDPO) and robust, in [0, 0.5).",
     )
+    nll_alpha: float = option(
+        0.0,
+        "Add alpha * the chosen completions' per-token NLL to the paired losses (RPO, Pang et al., 2024): keeps DPO from lowering the chosen likelihood.",
+    )
     desirable_weight: float = option(1.0, "KTO weight lambda_D of desirable completions.")
     undesirable_weight: float = option(1.0, "KTO weight lambda_U of undesirable completions.")
     reference_mode: str = option(
@@ -123,6 +127,10 @@ class DPOConfig(TrainConfig):
             raise UserError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.nll_alpha < 0:
+            raise UserError(f"--nll-alpha must be >= 0, got {self.nll_alpha}")
+        if self.nll_alpha and self.loss == "kto":
+            raise UserError("--nll-alpha applies to paired losses, not kto")
         if self.desirable_weight < 0 or self.undesirable_weight < 0:
             raise UserError("--desirable-weight and --undesirable-weight must be >= 0")
 
@@ -204,10 +212,18 @@ def kto_objective(
 
 def sequence_logprobs(ops, logits, input_ids, loss_mask, average: bool = False):
     """(B,) sum (or per-token mean) of the completion tokens' logprobs."""
-    logprobs = token_logprobs(ops, logits, input_ids)
+    return reduce_logprobs(ops, token_logprobs(ops, logits, input_ids), loss_mask, average)
+
+
+def reduce_logprobs(ops, logprobs, loss_mask, average: bool):
     if average:
         return masked_mean(ops, logprobs, loss_mask, axis=1)
     return masked_sum(ops, logprobs, loss_mask, axis=1)
+
+
+def chosen_nll(ops, logprobs, loss_mask):
+    """RPO's NLL term: the mean over pairs of the chosen completion's per-token NLL."""
+    return -ops.mean(masked_mean(ops, logprobs, loss_mask, axis=1))
 
 
 def dpo_loss(ops, forward, batch, cfg: DPOConfig):
@@ -216,7 +232,8 @@ def dpo_loss(ops, forward, batch, cfg: DPOConfig):
     `ref_logps` (2B,) holds precomputed reference logprobs; in live mode they are computed."""
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     average = cfg.loss == "ipo"
-    policy = sequence_logprobs(ops, forward.logits(ids, mask), ids, loss_mask, average)
+    token_lp = token_logprobs(ops, forward.logits(ids, mask), ids)
+    policy = reduce_logprobs(ops, token_lp, loss_mask, average)
     if cfg.reference_mode == "live":
         frozen = forward.frozen_logits("reference", ids, mask)
         ref = ops.stop_gradient(sequence_logprobs(ops, frozen, ids, loss_mask, average))
@@ -235,7 +252,7 @@ def dpo_loss(ops, forward, batch, cfg: DPOConfig):
             cfg.desirable_weight,
             cfg.undesirable_weight,
         )
-    return preference_objective(
+    value, metrics = preference_objective(
         ops,
         policy[:rows],
         policy[rows:],
@@ -245,6 +262,11 @@ def dpo_loss(ops, forward, batch, cfg: DPOConfig):
         cfg.beta,
         cfg.label_smoothing,
     )
+    if cfg.nll_alpha > 0:
+        nll = chosen_nll(ops, token_lp[:rows], loss_mask[:rows])
+        value = value + cfg.nll_alpha * nll
+        metrics["nll_chosen"] = nll
+    return value, metrics
 
 
 # ---- unpaired data (KTO) ----
