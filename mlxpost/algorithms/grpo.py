@@ -55,6 +55,11 @@ class GRPOConfig(RLConfig):
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO).", ("token", "sequence")
     )
     aggregation: str = option("grpo", "How token losses are averaged.", AGGREGATIONS)
+    log_kl: bool = option(
+        True,
+        "Log the KL to the reference (adapter off) even when --kl-beta is 0; it costs one more forward pass per step.",
+        flag="--log-kl/--no-log-kl",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,7 +127,9 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
         "policy_loss": loss,
         "clip_fraction": masked_mean(ops, clipped, loss_mask),
         "kl": masked_mean(ops, kl, loss_mask),
-        "entropy": masked_mean(ops, token_entropy(ops, logits, cfg.temperature), loss_mask),
+        "entropy": masked_mean(  # a metric only: no gradient flows back through it
+            ops, token_entropy(ops, ops.stop_gradient(logits), cfg.temperature), loss_mask
+        ),
         "logprob_gap": masked_mean(ops, ops.abs(logprobs - batch["old_logprobs"]), loss_mask),
     }
     return loss, metrics
@@ -168,7 +175,8 @@ class GRPO:
         session.backend.seed(cfg.seed + step)
         rollout = self.rollouts.sample(step)
         rewards, reward_metrics = self.rollouts.score(rollout)
-        has_reference = cfg.kl_beta > 0 or cfg.lora  # the KL is logged whenever a reference exists
+        # The KL needs the reference's logprobs: in the loss when beta > 0, else only logged.
+        has_reference = cfg.kl_beta > 0 or (cfg.lora and cfg.log_kl)
         batch = {
             "input_ids": rollout.input_ids,
             "attention_mask": rollout.attention_mask,
@@ -188,6 +196,8 @@ class GRPO:
             )
             if epoch == 0:
                 first = metrics
+        if not has_reference:
+            metrics.pop("kl", None)  # measured against zeros: meaningless
         groups = rewards.reshape(-1, cfg.num_generations)
         return {
             **metrics,

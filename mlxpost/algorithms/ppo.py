@@ -124,7 +124,9 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
         "value_loss": value_loss,
         "clip_fraction": masked_mean(ops, ops.where(pg_loss2 > pg_loss1, 1.0, 0.0), loss_mask),
         "approx_kl": masked_mean(ops, (ratio - 1.0) - log_ratio, loss_mask),
-        "entropy": masked_mean(ops, token_entropy(ops, logits, cfg.temperature), loss_mask),
+        "entropy": masked_mean(  # a metric only: no gradient flows back through it
+            ops, token_entropy(ops, ops.stop_gradient(logits), cfg.temperature), loss_mask
+        ),
     }
     return loss, metrics
 
