@@ -33,9 +33,7 @@ def sample_pairs(
     out = generate(backend, model, info, prompts, sampling, seed=seed, desc="sampling")
     n = sampling.n
     source = np.repeat(np.arange(len(examples)), n)
-    columns = {
-        key: [examples[i].extras.get(key) for i in source] for key in examples[0].extras
-    }
+    columns = {key: [examples[i].extras.get(key) for i in source] for key in examples[0].extras}
     prompt_texts = [info.tokenizer.decode(prompts[i]) for i in source]
     totals, metrics = reward_set.score(prompt_texts, out.texts, columns, warn)
     rewards = totals.reshape(len(examples), n)
