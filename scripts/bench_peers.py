@@ -160,13 +160,6 @@ MLX_LM_LORA_KEYS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LEARNING_RATE = 1e-4
 DPO_BETA = 0.1
 NEVER_EOS = -1  # no token id is negative: mlxpost samples never stop early
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 # ---- plans ----
@@ -349,6 +342,8 @@ def build_models(names: list[str], root: str, seed: int) -> dict[str, str]:
         import bench  # scripts/bench.py: builds the 124M-shaped model with random weights
 
         built = bench.build_models(["gpt2-124m"], root, seed)["gpt2-124m"]
+        from mlxpost.loop import TOKENIZER_FILES
+
         for name in TOKENIZER_FILES:  # the bundled tokenizer: the same ids for both models
             source = os.path.join(assets.DEFAULT_MODEL, name)
             target = os.path.join(built, name)
@@ -378,6 +373,8 @@ def convert_for_mlx_lm(source: str, target: str) -> str:
     config.setdefault("n_ctx", config["n_positions"])
     with open(os.path.join(target, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    from mlxpost.loop import TOKENIZER_FILES
+
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copy(os.path.join(source, name), target)
