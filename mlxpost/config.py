@@ -43,7 +43,8 @@ class TrainConfig:
         None, "Local Hugging Face checkpoint directory; default: the bundled tiny model."
     )
     data: str | None = option(
-        None, "jsonl/json/parquet/csv file or save_to_disk directory; default: the bundled dataset."
+        None,
+        "jsonl/json/parquet/csv file or save_to_disk directory, or several comma-separated (concatenated); default: the bundled dataset.",
     )
     eval_data: str | None = option(
         None, "Held-out dataset; default: the bundled test split of the default data."

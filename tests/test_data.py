@@ -702,3 +702,25 @@ def test_cli_template_split_error(tmp_path, tokenizer_dir):
     result = run_cli("data", "check", str(path), "--for", "sft", "--model", str(model), "--json")
     assert_user_error(result, "example 0: the chat template renders the prompt differently")
     assert json.loads(result.stdout)["usable"] is False
+
+
+def test_comma_separated_datasets_are_concatenated(tmp_path):
+    explicit = tmp_path / "explicit.jsonl"
+    explicit.write_text(
+        json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n"
+    )
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(
+        json.dumps(
+            {
+                "chosen": "\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
+                "rejected": "\n\nHuman: Name a fruit.\n\nAssistant: No.",
+            }
+        )
+        + "\n"
+    )
+    fmt, examples = load_examples(f"{explicit},{hh}", "rm")
+    assert fmt == "explicit-preference+implicit-preference"
+    assert [ex.chosen_messages[-1]["content"] for ex in examples] == ["Hello.", "An apple."]
+    with pytest.raises(UserError, match="empty dataset name"):
+        load_examples(f"{explicit},", "rm")
