@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from mlxpost import assets
 from mlxpost.algorithms.rm import held_out_pairs, load_pairs, pair_step
-from mlxpost.algorithms.supervised import Batches, collate
+from mlxpost.algorithms.supervised import Batches, check_lengths, collate
 from mlxpost.backend import adapter_disabled
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import (
@@ -281,16 +281,7 @@ def load_unpaired(path: str, tokenizer, cfg: TokenizeConfig, say, limit: int | N
     if report["dropped"]:
         say(f"{path}: {report['dropped']} exact duplicates dropped")
     tokenized, lengths = tokenize_examples(examples, tokenizer, cfg)
-    dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
-    if dropped or lengths["truncated"]:
-        say(
-            f"{path}: {dropped} examples longer than {cfg.max_length} tokens dropped, "
-            f"{lengths['truncated']} truncated"
-        )
-    if not tokenized:
-        raise UserError(
-            f"{path}: no examples left after the length limit ({cfg.max_length} tokens)"
-        )
+    check_lengths(path, len(tokenized), lengths, cfg.max_length, say, "examples", "deduplication")
     labels = np.array([float(examples[ex.index].label) for ex in tokenized], np.float32)
     say(
         f"{path}: {len(tokenized)} labelled completions ({fmt}), "

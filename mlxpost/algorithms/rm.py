@@ -31,7 +31,7 @@ from functools import partial
 import numpy as np
 
 from mlxpost import assets
-from mlxpost.algorithms.supervised import Batches, collate
+from mlxpost.algorithms.supervised import Batches, check_lengths, collate
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
 from mlxpost.errors import UserError
@@ -86,16 +86,7 @@ def load_pairs(
     if report["dropped"]:
         say(f"{path}: {report['dropped']} exact duplicate pairs dropped")
     pairs, lengths = tokenize_preferences(examples, tokenizer, cfg)
-    dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
-    if dropped or lengths["truncated"]:
-        say(
-            f"{path}: {dropped} pairs longer than {cfg.max_length} tokens dropped, "
-            f"{lengths['truncated']} truncated"
-        )
-    if not pairs:
-        raise UserError(
-            f"{path}: no pairs left after deduplication and the length limit ({cfg.max_length} tokens)"
-        )
+    check_lengths(path, len(pairs), lengths, cfg.max_length, say, "pairs", "deduplication")
     kept = [examples[chosen.index] for chosen, _ in pairs]
     say(f"{path}: {len(pairs)} preference pairs ({fmt})")
     return pairs, kept

@@ -40,17 +40,22 @@ def load_tokenized(
                     f"{path}: filter {report['filter']} dropped {report['dropped']} of {report['total']} ({report['reasons']})"
                 )
     tokenized, lengths = tokenize_examples(examples, tokenizer, cfg)
+    check_lengths(path, len(tokenized), lengths, cfg.max_length, say, "examples", "filtering")
+    say(f"{path}: {len(tokenized)} examples ({fmt})")
+    return tokenized
+
+
+def check_lengths(path: str, kept: int, lengths: dict, max_length, say, unit: str, before: str):
+    """Say what the length limit dropped or truncated; fail when nothing is left."""
     dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
     if dropped or lengths["truncated"]:
         say(
-            f"{path}: {dropped} examples longer than {cfg.max_length} tokens dropped, {lengths['truncated']} truncated"
+            f"{path}: {dropped} {unit} longer than {max_length} tokens dropped, {lengths['truncated']} truncated"
         )
-    if not tokenized:
+    if not kept:
         raise UserError(
-            f"{path}: no examples left after filtering and the length limit ({cfg.max_length} tokens)"
+            f"{path}: no {unit} left after {before} and the length limit ({max_length} tokens)"
         )
-    say(f"{path}: {len(tokenized)} examples ({fmt})")
-    return tokenized
 
 
 def collate(examples, pad_id: int) -> dict[str, np.ndarray]:
