@@ -34,7 +34,8 @@ def sample_pairs(
     n = sampling.n
     source = np.repeat(np.arange(len(examples)), n)
     columns = {key: [examples[i].extras.get(key) for i in source] for key in examples[0].extras}
-    prompt_texts = [info.tokenizer.decode(prompts[i]) for i in source]
+    decoded = [info.tokenizer.decode(p) for p in prompts]  # once per prompt, not per sample
+    prompt_texts = [decoded[i] for i in source]
     totals, metrics = reward_set.score(prompt_texts, out.texts, columns, warn)
     rewards = totals.reshape(len(examples), n)
     records = [

@@ -46,11 +46,10 @@ from mlxpost.errors import UserError
 def load_examples(path, command: str, split: str | None = None):
     """(format name, normalised examples) of a dataset for `command`. A comma-separated
     list of datasets is read one by one (each in its own format) and concatenated."""
-    parts = [p.strip() for p in str(path).split(",")] if "," in str(path) else [path]
-    if len(parts) == 1:
+    if "," not in str(path):
         return normalise_records(load_records(path, split), command, str(path))
     formats, examples = [], []
-    for part in parts:
+    for part in (p.strip() for p in str(path).split(",")):
         if not part:
             raise UserError(f"{path}: empty dataset name in the comma-separated list")
         fmt, found = normalise_records(load_records(part, split), command, part)
