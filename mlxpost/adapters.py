@@ -17,14 +17,15 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig
+from mlxpost.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
-    pass
+class AdapterError(UserError, ValueError):
+    """A missing, malformed or mismatched adapter: bad input, exit status 2."""
 
 
 def resolve_targets(arch: str, cfg: LoraConfig) -> tuple[str, ...]:

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mlxpost.errors import UserError
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 # LoRA targets per architecture when the user names none: every attention and
@@ -213,7 +215,7 @@ def get_backend(name: str = "auto") -> Backend:
     if name == "auto":
         name = default_backend_name()
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
     try:
         module = importlib.import_module(BACKENDS[name])
     except ImportError as err:
@@ -225,8 +227,8 @@ def get_backend(name: str = "auto") -> Backend:
     return module.Backend()
 
 
-class BackendUnavailable(ImportError):
-    pass
+class BackendUnavailable(UserError, ImportError):
+    """The chosen backend's framework is not installed."""
 
 
 @contextlib.contextmanager

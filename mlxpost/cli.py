@@ -1,15 +1,16 @@
 """The `mlxpost` command line.
 
 Every command imports its backend lazily, prints progress on stderr and, with
---json, exactly one JSON object on stdout. Bad input (a missing file, an
-unsupported model) ends with exit status 2 and one line naming what is wrong.
+--json, exactly one JSON object on stdout. The library raises; this layer alone
+maps what it raises to exit statuses: bad input (a missing file, an unsupported
+model, an invalid option) 2, non-finite training 3, Ctrl-C 130, each with one
+line naming what happened.
 """
 
 from __future__ import annotations
 
 import click
 
-from mlxpost.backend import BackendUnavailable
 from mlxpost.commands import fail
 from mlxpost.commands.data import data
 from mlxpost.commands.evaluate import evaluate
@@ -17,19 +18,20 @@ from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
 from mlxpost.commands.plot import plot
 from mlxpost.commands.train import distill, dpo, grpo, ppo, rm, sft
-from mlxpost.errors import UserError
+from mlxpost.errors import MlxpostError
 
 
 class Group(click.Group):
-    """Turns input errors raised anywhere below into exit status 2 without a traceback."""
+    """Turns the library's errors raised anywhere below into their exit status and one line;
+    Ctrl-C outside a training loop ends with 130 instead of click's "Aborted!"."""
 
     def invoke(self, ctx):
-        from mlxpost.adapters import AdapterError
-
         try:
             return super().invoke(ctx)
-        except (UserError, AdapterError, BackendUnavailable) as err:
-            fail(str(err))
+        except MlxpostError as err:
+            fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

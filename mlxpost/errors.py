@@ -1,5 +1,29 @@
-"""Errors that mean "the input is wrong": the CLI prints the message and exits 2."""
+"""Exceptions that end a command with a given exit status (DESIGN.md's exit statuses).
+
+The library raises these; only the command layer (mlxpost/cli.py) turns them
+into a one-line message on stderr and the exit status below.
+"""
 
 
-class UserError(Exception):
-    """Bad input named precisely (file, line, column or option); no traceback is shown."""
+class MlxpostError(Exception):
+    """An expected way for a command to end: one clear line, no traceback."""
+
+    exit_code = 1
+
+
+class UserError(MlxpostError):
+    """Bad input named precisely (file, line, column or option): exit status 2."""
+
+    exit_code = 2
+
+
+class NonFiniteError(MlxpostError):
+    """Training met NaN or inf values and stopped before writing any of them: exit status 3."""
+
+    exit_code = 3
+
+
+class Interrupted(MlxpostError):
+    """Ctrl-C (SIGINT): exit status 130, saying how to continue where that makes sense."""
+
+    exit_code = 130

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import click
 
+from mlxpost.run import json_safe  # noqa: F401  (the commands' JSON output)
 
-def fail(message: str) -> None:
+
+def fail(message: str, status: int = 2) -> None:
+    """One line on stderr, then the exit status (2: bad input)."""
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
-def json_safe(value):
-    """JSON has no inf/nan: they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
+    sys.exit(status)
 
 
 BACKENDS = ("auto", "mlx", "torch")
