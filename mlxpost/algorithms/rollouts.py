@@ -18,7 +18,7 @@ from mlxpost.data import load_examples
 from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
 from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
-from mlxpost.rewards import RewardSet
+from mlxpost.rewards import RewardSet, parse_weights
 
 
 @dataclass
@@ -26,32 +26,44 @@ class RLConfig(TrainConfig):
     batch_size: int = option(8, "Prompts per step (each gets --num-generations completions).")
     learning_rate: float = option(5e-4, "Peak learning rate (AdamW).")
     steps: int = option(100, "Steps (one batch of rollouts each).")
-    num_generations: int = option(8, "Completions per prompt.")
-    max_new_tokens: int = option(128, "Tokens generated per completion at most.")
-    temperature: float = option(1.0, "Sampling temperature (also used for the trainer's logprobs).")
-    top_p: float = option(1.0, "Nucleus sampling mass.")
-    top_k: int = option(0, "Top-k sampling (0: off).")
+    num_generations: int = option(8, "Completions per prompt.", ge=1)
+    max_new_tokens: int = option(128, "Tokens generated per completion at most.", ge=1)
+    temperature: float = option(
+        1.0, "Sampling temperature (also used for the trainer's logprobs).", ge=0
+    )
+    top_p: float = option(1.0, "Nucleus sampling mass.", gt=0, le=1)
+    top_k: int = option(0, "Top-k sampling (0: off).", ge=0)
     rewards: str = option(
         "math,format",
-        "Comma-separated reward functions: built-ins (math, format, repetition, answered) or module:function.",
+        "Comma-separated reward functions: built-ins (math, format, repetition, answered), module:function, or path/to/file.py:function. Naming a module or file imports it, which runs its code: name only code you trust.",
     )
     reward_weights: str | None = option(
         None, "Comma-separated weights, one per reward (default: all 1)."
     )
-    kl_beta: float = option(0.0, "Weight of the KL to the reference (adapter off); 0: off.")
+    reward_failure_share: float = option(
+        1.0,
+        "Stop (exit status 2) when a reward function fails (raises, returns the wrong count, a non-number or NaN) on at least this share of a step's completions; below it a failed completion scores 0 and is counted in reward_errors/<name>. Default: stop only when it fails on all of them.",
+        gt=0,
+        le=1,
+    )
+    kl_beta: float = option(0.0, "Weight of the KL to the reference (adapter off); 0: off.", ge=0)
     kl_estimator: str = option("k3", "KL estimator (Schulman's k1, k2, k3).", ("k1", "k2", "k3"))
-    ppo_epochs: int = option(1, "Optimisation passes over each batch of rollouts.")
+    ppo_epochs: int = option(1, "Optimisation passes over each batch of rollouts.", ge=1)
     mask_truncated: bool = option(
         False, "Leave completions cut at --max-new-tokens out of the loss."
     )
     eval_every: int = option(10, "Evaluate every N steps (0: only at the end).")
     save_every: int = option(50, "Checkpoint every N steps (0: only the final one).")
     eval_math: int = option(
-        200, "Held-out math problems scored greedily at each evaluation (0: off)."
+        200, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
     )
     eval_math_data: str | None = option(
         None, "Math problems for --eval-math; default: the bundled math test split."
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        parse_weights(self.rewards, self.reward_weights)  # before any model is loaded
 
 
 @dataclass
@@ -73,7 +85,7 @@ class Rollouts:
         tokenizer = session.info.tokenizer
         self.prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in self.examples]
         self.prompt_texts = [tokenizer.decode(p) for p in self.prompts]
-        self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights)
+        self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights, cfg.reward_failure_share)
         self.math = (
             math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
             if cfg.eval_math
