@@ -19,15 +19,68 @@ import yaml
 
 from mlxpost.errors import UserError
 
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_COMPARE = {
+    "gt": lambda value, bound: value > bound,
+    "ge": lambda value, bound: value >= bound,
+    "lt": lambda value, bound: value < bound,
+    "le": lambda value, bound: value <= bound,
+}
 
-def option(default, help: str, choices: tuple | None = None, flag: str | None = None):
-    """A config field with its help text (and choices, or an on/off flag pair)."""
+
+def option(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    flag: str | None = None,
+    **bounds: float,
+):
+    """A config field with its help text (and choices, or an on/off flag pair).
+
+    `bounds` (gt, ge, lt, le) state the values the option accepts; `validate`
+    checks them when the config is built, before any model or data is loaded.
+    """
     metadata = {"help": help}
     if choices:
         metadata["choices"] = choices
     if flag:
         metadata["flag"] = flag
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"unknown bound(s) {sorted(unknown)}; use {', '.join(BOUNDS)}")
+    if bounds:
+        metadata["bounds"] = bounds
     return field(default=default, metadata=metadata)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def inherited_bounds(config_cls, name: str) -> dict | None:
+    """A field's bounds; a subclass that only changes its default or help keeps them."""
+    for cls in config_cls.__mro__:
+        fields = getattr(cls, "__dataclass_fields__", {})
+        if name in fields and fields[name].metadata.get("bounds"):
+            return fields[name].metadata["bounds"]
+    return None
+
+
+def validate(config) -> None:
+    """Every field with bounds holds a value inside them (None: not set, always allowed)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        bounds = inherited_bounds(type(config), f.name)
+        if value is None or not bounds or isinstance(value, bool):
+            continue
+        failed = [
+            f"{BOUNDS[kind]} {bound:g}"
+            for kind, bound in bounds.items()
+            if not _COMPARE[kind](value, bound)
+        ]
+        if failed or value != value:  # NaN compares false with everything
+            wanted = " and ".join(f"{BOUNDS[kind]} {bound:g}" for kind, bound in bounds.items())
+            raise UserError(f"{flag_name(f.name)} must be {wanted}, got {value}")
 
 
 @dataclass
@@ -50,23 +103,25 @@ class TrainConfig:
         None, "Held-out dataset; default: the bundled test split of the default data."
     )
     output: str | None = option(None, "Run directory; default: runs/<command>-<time>.")
-    steps: int = option(200, "Optimizer steps.")
-    batch_size: int = option(16, "Examples per optimizer step.")
+    steps: int = option(200, "Optimizer steps.", ge=1)
+    batch_size: int = option(16, "Examples per optimizer step.", ge=1)
     grad_accum: int = option(
-        1, "Split each batch into this many microbatches (gradient accumulation)."
+        1, "Split each batch into this many microbatches (gradient accumulation).", ge=1
     )
-    learning_rate: float = option(1e-4, "Peak learning rate (AdamW).")
-    warmup_steps: int = option(10, "Linear warmup steps.")
-    min_lr_ratio: float = option(0.1, "The cosine schedule ends at learning_rate * min_lr_ratio.")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay.")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm (0: no clipping).")
-    seed: int = option(0, "Seed for data order, adapter init, dropout and sampling.")
+    learning_rate: float = option(1e-4, "Peak learning rate (AdamW).", gt=0)
+    warmup_steps: int = option(10, "Linear warmup steps.", ge=0)
+    min_lr_ratio: float = option(
+        0.1, "The cosine schedule ends at learning_rate * min_lr_ratio.", ge=0, le=1
+    )
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay.", ge=0)
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm (0: no clipping).", ge=0)
+    seed: int = option(0, "Seed for data order, adapter init, dropout and sampling.", ge=0)
     lora: bool = option(
         True, "Train a LoRA adapter (--lora) or every weight (--full).", flag="--lora/--full"
     )
-    lora_rank: int = option(8, "LoRA rank r.")
-    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r.")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA input path.")
+    lora_rank: int = option(8, "LoRA rank r.", ge=1)
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input path.", ge=0, lt=1)
     lora_targets: str | None = option(
         None, "Comma-separated module names; default: every attention and MLP projection."
     )
@@ -75,17 +130,21 @@ class TrainConfig:
         "Model dtype; logprobs and adapters stay float32.",
         ("float32", "bfloat16", "float16"),
     )
-    max_length: int = option(256, "Tokens per example at most.")
-    eval_every: int = option(50, "Evaluate every N steps (0: only at the end).")
-    save_every: int = option(100, "Checkpoint every N steps (0: only the final one).")
-    resume: bool = option(False, "Continue from the newest checkpoint in --output.")
+    max_length: int = option(256, "Tokens per example at most.", ge=2)
+    eval_every: int = option(50, "Evaluate every N steps (0: only at the end).", ge=0)
+    save_every: int = option(100, "Checkpoint every N steps (0: only the final one).", ge=0)
+    max_nonfinite_steps: int = option(
+        3,
+        "Steps whose loss or gradient norm is NaN or inf are skipped (no update); after this many in a row the run stops with exit status 3.",
+        ge=1,
+    )
+    resume: bool = option(
+        False,
+        "Continue the run in --output from its newest checkpoint, with the settings in its config.yaml; options given again may change only what does not alter the model or data (steps, cadence, evaluation, backend).",
+    )
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise UserError(
-                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
-                )
+        validate(self)
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}"
@@ -160,19 +219,72 @@ def cli_options(config_cls):
     return decorate
 
 
-def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | None):
-    """Flags given on the command line > YAML > dataclass defaults."""
+# Options a resumed run may change: they alter neither the model nor what it trains on.
+CHANGEABLE_ON_RESUME = (
+    "steps",
+    "save_every",
+    "eval_every",
+    "backend",
+    "output",
+    "resume",
+    "max_nonfinite_steps",
+)
+
+
+def changeable_on_resume(name: str) -> bool:
+    return name in CHANGEABLE_ON_RESUME or name.startswith("eval_")
+
+
+def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | None, command: str):
+    """Flags given on the command line > YAML > dataclass defaults.
+
+    With --resume, the run's own config.yaml takes the place of the defaults, and an
+    option given again may differ from it only if `changeable_on_resume`; anything else
+    is refused before a file is read or written."""
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    merged = {}
+    given = {}
     if config_file:
-        merged.update(read_yaml(config_file, names))
+        given = {
+            name: coerce(config_cls, name, value, config_file)
+            for name, value in read_yaml(config_file, names).items()
+        }
     for name in names:
         source = ctx.get_parameter_source(name)
-        if source is not None and source.name == "COMMANDLINE" or name not in merged:
-            merged[name] = values[name]
-        else:
-            merged[name] = coerce(config_cls, name, merged[name], config_file)
+        if source is not None and source.name == "COMMANDLINE":
+            given[name] = values[name]
+    merged = {name: values[name] for name in names}
+    if given.get("resume"):
+        merged.update(saved_options(config_cls, given.get("output"), command, names))
+        changed = sorted(
+            name
+            for name, value in given.items()
+            if not changeable_on_resume(name) and value != merged[name]
+        )
+        if changed:
+            was = ", ".join(f"{flag_name(n)} {merged[n]!r} (given {given[n]!r})" for n in changed)
+            raise UserError(
+                f"{given['output']}: a resumed run keeps its settings; it was trained with {was}. "
+                "Only steps, save and evaluation cadence and the backend may change"
+            )
+    merged.update(given)
     return config_cls(**merged)
+
+
+def saved_options(config_cls, output: str | None, command: str, names: set[str]) -> dict:
+    """The options a run directory's config.yaml records (see `RunDir.open`)."""
+    if not output:
+        raise UserError("--resume needs --output: the run directory to continue")
+    path = os.path.join(output, "config.yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"{output}: no run to resume (no config.yaml)")
+    saved = read_yaml(path, None, label="run config")
+    if saved.get("command", command) != command:
+        raise UserError(f"{output}: holds a {saved['command']} run, not {command}")
+    return {
+        name: coerce(config_cls, name, value, path)
+        for name, value in saved.items()
+        if name in names
+    }
 
 
 def coerce(config_cls, name: str, value, source: str):
@@ -191,21 +303,32 @@ def coerce(config_cls, name: str, value, source: str):
         raise UserError(f"{source}: {name} must be a {kind.__name__}, got {value!r}") from None
 
 
-def read_yaml(path: str, names: set[str]) -> dict:
+def read_yaml(path: str, names: set[str] | None, label: str = "config file") -> dict:
+    """A YAML mapping of options; with `names`, any other key is an error."""
     if not os.path.isfile(path):
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: {label} not found")
     try:
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from err
+        raise UserError(f"{path}: not valid YAML ({yaml_problem(err)})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read {label} ({err})") from err
     if not isinstance(loaded, dict):
         raise UserError(f"{path}: expected a mapping of option: value")
     loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
-    unknown = sorted(set(loaded) - names)
+    unknown = sorted(set(loaded) - names) if names is not None else []
     if unknown:
         raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
     return loaded
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{problem}"
 
 
 def to_dict(config) -> dict:

@@ -1,9 +1,14 @@
 """The loop every training command shares: setup, steps, evaluation, checkpoints, resume.
 
-An algorithm supplies `train_step(step) -> metrics` and `evaluate(step) -> metrics`
-(and optionally `state()` / `load_state()` for its own extra state). Everything
-it draws at a step (data order, dropout, sampling) is seeded from (seed, step),
-so a resumed run repeats exactly what an uninterrupted one would have done.
+An algorithm subclasses `Algorithm`: `train_step(step) -> metrics`,
+`evaluate(step) -> metrics` and, if its users need more than the model in a
+checkpoint, `export(directory)`. Everything it draws at a step (data order,
+dropout, sampling) is seeded from (seed, step), so a resumed run repeats exactly
+what an uninterrupted one would have done.
+
+The loop raises and never exits: `NonFiniteError` when steps keep producing
+NaN or inf (no non-finite checkpoint is ever written), `Interrupted` on Ctrl-C;
+the command layer maps them to exit statuses 3 and 130.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -23,7 +29,7 @@ from mlxpost import assets
 from mlxpost.backend import Backend, LoraConfig, OptimConfig, get_backend
 from mlxpost.checkpoint import max_positions, read_config
 from mlxpost.config import TrainConfig, default_output, to_dict
-from mlxpost.errors import UserError
+from mlxpost.errors import Interrupted, NonFiniteError, UserError
 from mlxpost.run import RunDir, load_arrays, save_arrays
 from mlxpost.tokenizer import TokenizerInfo, load_tokenizer
 
@@ -36,9 +42,19 @@ TOKENIZER_FILES = (
 )
 
 
-class Algorithm(Protocol):
-    def train_step(self, step: int) -> dict[str, float]: ...
-    def evaluate(self, step: int) -> dict[str, float]: ...
+class Algorithm:
+    """What the loop drives. `train_step` returns the step's metrics, with the
+    backend's `nonfinite_updates` (updates skipped on NaN/inf) summed over its updates."""
+
+    def train_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out figures at `step` (0: before training); none by default."""
+        return {}
+
+    def export(self, directory: str) -> None:
+        """Files besides the model that users of a checkpoint need (none by default)."""
 
 
 @dataclass
@@ -65,14 +81,7 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
     limit = max_positions(read_config(cfg.model))  # bad input fails before a backend is imported
     if limit and cfg.max_length > limit:
         cfg.max_length = limit  # the model cannot see further
-    run = RunDir(cfg.output, cfg.resume)
-    if cfg.resume:
-        previous = run.read_config()
-        if previous and previous.get("model") != cfg.model:
-            raise UserError(
-                f"{cfg.output}: was trained from {previous.get('model')}, not {cfg.model}"
-            )
-    run.write_config({"command": command, **to_dict(cfg)})
+    run = RunDir(cfg.output, cfg.resume)  # checks only: nothing is written before `train`
 
     backend = get_backend(cfg.backend)
     backend.seed(cfg.seed)
@@ -103,29 +112,30 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
     return session
 
 
-def save_checkpoint(session: Session, algorithm, step: int, final: bool = False) -> str:
-    """Trainable weights, optimizer state and the algorithm's state, committed atomically."""
+def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bool = False) -> str:
+    """Trainable weights and optimizer state, committed atomically; refused if any is not finite."""
     run, backend, model = session.run, session.backend, session.model
     target = os.path.join(run.path, "final") if final else run.checkpoint_dir(step)
+    trainable = backend.parameters(model, trainable_only=True)
+    optimizer = backend.optimizer_state(session.optimizer)
+    moments = {k: v for k, v in optimizer.items() if k != "step"}
+    bad = next((k for k, v in {**trainable, **moments}.items() if not np.all(np.isfinite(v))), None)
+    if bad is not None:
+        latest = run.latest_checkpoint()
+        raise NonFiniteError(
+            f"step {step}: {bad} holds NaN or inf; no checkpoint written "
+            f"(newest: {latest[1] if latest else 'none'})"
+        )
     staging = run.begin_checkpoint(os.path.basename(target))
-    save_arrays(
-        os.path.join(staging, "trainable.npz"), backend.parameters(model, trainable_only=True)
-    )
-    save_arrays(
-        os.path.join(staging, "optimizer.npz"),
-        {k: v for k, v in backend.optimizer_state(session.optimizer).items() if k != "step"},
-    )
-    if hasattr(algorithm, "state"):
-        with open(os.path.join(staging, "algorithm.json"), "w") as f:
-            json.dump(algorithm.state(), f)
-    export_model(session, staging)
-    if hasattr(algorithm, "export"):  # extra files an algorithm's users need (reward_model.json)
+    try:
+        save_arrays(os.path.join(staging, "trainable.npz"), trainable)
+        save_arrays(os.path.join(staging, "optimizer.npz"), moments)
+        export_model(session, staging)
         algorithm.export(staging)
-    run.commit_checkpoint(
-        staging,
-        target,
-        {"step": step, "optimizer_step": backend.optimizer_state(session.optimizer)["step"]},
-    )
+        run.commit_checkpoint(staging, target, {"step": step, "optimizer_step": optimizer["step"]})
+    except BaseException:  # a cut-short checkpoint leaves no staging directory behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 
@@ -143,94 +153,148 @@ def export_model(session: Session, directory: str) -> None:
             shutil.copy(os.path.join(cfg.model, name), directory)
 
 
-def restore(session: Session, algorithm) -> int:
-    """Load the newest checkpoint of the run directory; returns the step to continue from."""
+def restore(session: Session) -> int | None:
+    """Load the newest checkpoint of the run directory into the model and optimizer; returns
+    its step, or None when the run has none yet. Reads only: nothing is written."""
     found = session.run.latest_checkpoint()
     if found is None:
-        session.say(f"{session.run.path}: no checkpoint yet, starting from step 0")
-        return 0
+        return None
     step, path = found
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        trainable = load_arrays(os.path.join(path, "trainable.npz"))
+        optimizer_state = load_arrays(os.path.join(path, "optimizer.npz"))
+        optimizer_step = int(state["optimizer_step"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+        raise UserError(
+            f"{path}: checkpoint is unreadable ({type(err).__name__}: {err}); "
+            "remove it to resume from the one before"
+        ) from err
     backend = session.backend
-    backend.set_parameters(session.model, load_arrays(os.path.join(path, "trainable.npz")))
-    optimizer_state = load_arrays(os.path.join(path, "optimizer.npz"))
-    backend.load_optimizer_state(
-        session.optimizer, {"step": state["optimizer_step"], **optimizer_state}
-    )
-    if hasattr(algorithm, "load_state") and os.path.isfile(os.path.join(path, "algorithm.json")):
-        with open(os.path.join(path, "algorithm.json")) as f:
-            algorithm.load_state(json.load(f))
-    session.run.truncate_metrics(step)
+    expected = backend.parameters(session.model, trainable_only=True)
+    if set(trainable) != set(expected) or any(
+        trainable[k].shape != expected[k].shape for k in expected
+    ):
+        raise UserError(f"{path}: checkpoint does not match the run's model and adapter")
+    backend.set_parameters(session.model, trainable)
+    backend.load_optimizer_state(session.optimizer, {"step": optimizer_step, **optimizer_state})
     session.say(f"resuming from {path}")
     return step
 
 
 def train(session: Session, algorithm: Algorithm) -> dict:
-    """Run steps [start, cfg.steps), evaluating and checkpointing on the configured cadence."""
+    """Run steps [start, cfg.steps), evaluating and checkpointing on the configured cadence.
+
+    The run directory is written from here on. If a fresh run ends (error or Ctrl-C)
+    before its first step is logged, what it wrote is removed, so the same command
+    can start again."""
     cfg, run = session.cfg, session.run
-    start = restore(session, algorithm) if cfg.resume else 0
-    if start >= cfg.steps:
+    start = restore(session) if cfg.resume else None
+    if start is not None and start >= cfg.steps:
         raise UserError(
             f"{cfg.output}: already trained for {start} steps; raise --steps to continue"
         )
-    if start == 0:
-        first = algorithm.evaluate(0)
-        if first:
-            run.log({"step": 0, **first})
-            session.say(format_metrics("eval step 0", first))
-    last_eval: dict = {}
-    train_seconds, tokens = 0.0, 0.0
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc=session.command,
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-    step = start
+    run.open({"command": session.command, **to_dict(cfg)})
+    if cfg.resume:
+        run.truncate_metrics(start)  # rows past the checkpoint are logged again
+        if start is None:
+            session.say(f"{run.path}: no checkpoint yet, starting from step 0")
+    progress = Progress(session, start or 0)
     try:
-        for step in range(start, cfg.steps):
-            began = time.perf_counter()
-            metrics = algorithm.train_step(step)
-            seconds = time.perf_counter() - began
-            train_seconds += seconds  # evaluation time is not training speed
-            metrics["step_seconds"] = seconds
-            tokens += metrics.get("tokens", 0.0)
-            metrics["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
-            record = {"step": step + 1, **metrics}
-            done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
-                last_eval = algorithm.evaluate(done)
-                record.update(last_eval)
-                session.say(format_metrics(f"eval step {done}", last_eval))
-            run.log(record)
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}"
+        return progress.run(algorithm)
+    except BaseException as err:
+        if progress.done == (start or 0) and not cfg.resume:
+            run.discard()  # nothing was trained: leave no half-made run behind
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(progress.interrupted_message()) from None
+        raise
+
+
+class Progress:
+    """The step loop of `train`: metrics, evaluation and checkpoint cadence, the progress
+    bar, and the count of consecutive steps skipped on non-finite values."""
+
+    def __init__(self, session: Session, start: int):
+        self.session, self.start, self.done = session, start, start
+        self.nonfinite_in_a_row = 0
+
+    def run(self, algorithm: Algorithm) -> dict:
+        session, cfg, run = self.session, self.session.cfg, self.session.run
+        if self.start == 0:
+            first = algorithm.evaluate(0)
+            if first:
+                run.log({"step": 0, **first})
+                session.say(format_metrics("eval step 0", first))
+        train_seconds, tokens = 0.0, 0.0
+        record: dict = {}
+        with tqdm(
+            total=cfg.steps,
+            initial=self.start,
+            desc=session.command,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+            for step in range(self.start, cfg.steps):
+                began = time.perf_counter()
+                metrics = algorithm.train_step(step)
+                seconds = time.perf_counter() - began
+                train_seconds += seconds  # evaluation time is not training speed
+                metrics["step_seconds"] = seconds
+                tokens += metrics.get("tokens", 0.0)
+                metrics["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
+                record = {"step": step + 1, **metrics}
+                done = step + 1
+                if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
+                    last_eval = algorithm.evaluate(done)
+                    record.update(last_eval)
+                    session.say(format_metrics(f"eval step {done}", last_eval))
+                run.log(record)
+                self.done = done
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}"
+                )
+                bar.update(1)
+                self.check_finite(done, metrics)
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    save_checkpoint(session, algorithm, done)
+        final = save_checkpoint(session, algorithm, cfg.steps, final=True)
+        summary = {
+            "command": session.command,
+            "steps": cfg.steps,
+            "final": final,
+            **{k: v for k, v in record.items() if k != "step"},
+        }
+        run.write_summary(summary)
+        session.say(f"done: {final}")
+        return summary
+
+    def check_finite(self, done: int, metrics: dict) -> None:
+        """Stop after --max-nonfinite-steps steps in a row whose updates were all skipped."""
+        skipped = metrics.get("nonfinite_updates", 0.0)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        if skipped:
+            self.session.say(f"step {done}: loss or gradient norm is NaN or inf; update skipped")
+        limit = self.session.cfg.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            latest = self.session.run.latest_checkpoint()
+            raise NonFiniteError(
+                f"step {done}: loss or gradient norm NaN or inf for {limit} steps in a row "
+                f"(steps {done - limit + 1}-{done}), updates skipped; newest checkpoint: "
+                f"{latest[1] if latest else 'none'}; try a lower --learning-rate"
             )
-            bar.update(1)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_checkpoint(session, algorithm, done)
-    except KeyboardInterrupt:
-        bar.close()
-        latest = run.latest_checkpoint()
-        where = f"checkpoint step {latest[0]}" if latest else "no checkpoint yet"
-        session.say(
-            f"interrupted at step {step}; {where}; continue with --resume --output {cfg.output}"
+
+    def interrupted_message(self) -> str:
+        cfg = self.session.cfg
+        if self.done == self.start and not cfg.resume:
+            return f"interrupted before step {self.start + 1}; nothing was kept in {cfg.output}"
+        latest = self.session.run.latest_checkpoint()
+        where = f"newest checkpoint: step {latest[0]}" if latest else "no checkpoint yet"
+        return (
+            f"interrupted after step {self.done}; {where}; continue with: "
+            f"mlxpost {self.session.command} --resume --output {cfg.output}"
         )
-        sys.exit(130)
-    bar.close()
-    final = save_checkpoint(session, algorithm, cfg.steps, final=True)
-    summary = {
-        "command": session.command,
-        "steps": cfg.steps,
-        "final": final,
-        **{k: v for k, v in record.items() if k != "step"},
-    }
-    run.write_summary(summary)
-    session.say(f"done: {final}")
-    return summary
 
 
 def format_metrics(label: str, metrics: dict) -> str:

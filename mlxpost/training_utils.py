@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -22,3 +23,9 @@ def normalise_weights(count: int, weights: Sequence[float] | None) -> list[float
 def average_metrics(metrics: list[dict[str, float]], weights: Sequence[float]) -> dict[str, float]:
     keys = metrics[0].keys() if metrics else []
     return {k: float(sum(w * m[k] for m, w in zip(metrics, weights))) for k in keys}
+
+
+def update_is_finite(loss: float, grad_norm: float) -> bool:
+    """Whether an optimizer update may be applied: a NaN or inf loss or gradient norm
+    means the step is skipped (and counted as `nonfinite_updates`) instead."""
+    return math.isfinite(loss) and math.isfinite(grad_norm)

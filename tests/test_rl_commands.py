@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -83,3 +87,76 @@ def test_ppo_runs_and_logs_critic_metrics(tmp_path):
         for key in ("value_loss", "explained_variance", "approx_kl", "score", "reward_kl"):
             assert key in row, key
     assert os.path.isfile(out / "final" / "adapter_config.json")
+
+
+# A reward that sleeps on its SLOW_AT-th call and first leaves a marker, so a test can send
+# Ctrl-C at a known point of a run.
+SLOW_REWARD = """
+import os, time
+calls = 0
+def slow(prompts, completions, **columns):
+    global calls
+    calls += 1
+    if calls == int(os.environ.get("SLOW_AT", "0")):
+        open(os.environ["SLOW_MARKER"], "w").close()
+        time.sleep(120)
+    return [float(len(c) % 2) for c in completions]
+"""
+
+
+def interrupt_at(args, call: int, marker) -> subprocess.CompletedProcess:
+    """Run `mlxpost grpo ARGS`, send SIGINT while the reward's `call`-th call sleeps."""
+    env = {**os.environ, "SLOW_AT": str(call), "SLOW_MARKER": str(marker)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlxpost.cli", "grpo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the run never reached the slow reward call"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_ctrl_c_before_the_first_step_leaves_nothing_and_after_it_resumes(tmp_path):
+    pytest.importorskip("torch")
+    (tmp_path / "slow.py").write_text(SLOW_REWARD)
+    out = tmp_path / "grpo"
+    args = [
+        *SMALL,
+        "--steps",
+        "3",
+        "--eval-math",
+        "0",
+        "--save-every",
+        "1",
+        "--rewards",
+        f"{tmp_path / 'slow.py'}:slow",
+        "--output",
+        str(out),
+    ]
+    first = interrupt_at(args, 1, tmp_path / "marker-1")
+    assert first.returncode == 130, first.stderr[-2000:]
+    assert first.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted before step 1; nothing was kept in {out}"
+    )
+    assert "Traceback" not in first.stderr and not out.exists()
+
+    second = interrupt_at(args, 2, tmp_path / "marker-2")
+    assert second.returncode == 130, second.stderr[-2000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        "error: interrupted after step 1; newest checkpoint: step 1; continue with: "
+        f"mlxpost grpo --resume --output {out}"
+    )
+    assert [row["step"] for row in metrics_of(out)] == [1]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+    resumed = run_cli("grpo", "--resume", "--output", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [row["step"] for row in metrics_of(out)] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3

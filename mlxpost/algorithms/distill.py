@@ -36,12 +36,14 @@ class DistillConfig(SFTConfig):
         None, "Teacher checkpoint (same tokenizer) for logit distillation; none: SFT on the traces."
     )
     divergence: str = option("forward_kl", "Logit-distillation divergence.", DIVERGENCES)
-    jsd_beta: float = option(0.5, "Mixing coefficient of the generalised JSD, in (0, 1).")
+    jsd_beta: float = option(
+        0.5, "Mixing coefficient of the generalised JSD, in (0, 1).", gt=0, lt=1
+    )
     distill_temperature: float = option(
-        1.0, "Temperature applied to both models' logits in the divergence."
+        1.0, "Temperature applied to both models' logits in the divergence.", gt=0
     )
     sft_weight: float = option(
-        0.0, "Weight of the data's NLL added to the divergence (with --teacher)."
+        0.0, "Weight of the data's NLL added to the divergence (with --teacher).", ge=0
     )
 
 

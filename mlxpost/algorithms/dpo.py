@@ -63,7 +63,7 @@ from mlxpost.data import (
 from mlxpost.errors import UserError
 from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
 from mlxpost.functional import masked_mean, masked_sum, token_logprobs
-from mlxpost.loop import Session
+from mlxpost.loop import Algorithm, Session
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 LOSSES = PAIR_LOSSES + ("kto",)
@@ -78,18 +78,21 @@ class DPOConfig(TrainConfig):
         LOSSES,
     )
     beta: float = option(
-        0.1, "Strength of the implicit KL to the reference (IPO: 1/(2 beta) target)."
+        0.1, "Strength of the implicit KL to the reference (IPO: 1/(2 beta) target).", gt=0
     )
     label_smoothing: float = option(
         0.0,
         "Assumed share of flipped labels eps for sigmoid (cDPO) and robust, in [0, 0.5).",
+        ge=0,
+        lt=0.5,
     )
     nll_alpha: float = option(
         0.0,
         "Add alpha * the chosen completions' per-token NLL to the paired losses (RPO, Pang et al., 2024): keeps DPO from lowering the chosen likelihood.",
+        ge=0,
     )
-    desirable_weight: float = option(1.0, "KTO weight lambda_D of desirable completions.")
-    undesirable_weight: float = option(1.0, "KTO weight lambda_U of undesirable completions.")
+    desirable_weight: float = option(1.0, "KTO weight lambda_D of desirable completions.", ge=0)
+    undesirable_weight: float = option(1.0, "KTO weight lambda_U of undesirable completions.", ge=0)
     reference_mode: str = option(
         "precompute",
         "precompute: reference logprobs once before training, kept in memory; live: every step.",
@@ -104,10 +107,12 @@ class DPOConfig(TrainConfig):
         "Examples over --max-length: drop them or truncate the completions.",
         ("drop", "truncate"),
     )
-    eval_limit: int = option(300, "Held-out pairs (KTO: examples) at each evaluation (0: all).")
-    eval_batch_size: int = option(16, "Pairs per batch when evaluating.")
+    eval_limit: int = option(
+        300, "Held-out pairs (KTO: examples) at each evaluation (0: all).", ge=0
+    )
+    eval_batch_size: int = option(16, "Pairs per batch when evaluating.", ge=1)
     eval_math: int = option(
-        0, "Held-out math problems scored greedily at each evaluation (0: off)."
+        0, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
     )
     eval_math_data: str | None = option(
         None, "Math problems for --eval-math; default: the bundled math test split."
@@ -117,22 +122,14 @@ class DPOConfig(TrainConfig):
         "Reward model (final/ of `mlxpost rm`) scoring greedy generations on held-out prompts at each evaluation.",
     )
     eval_reward_prompts: int = option(
-        32, "Held-out prompts generated from for --eval-reward-model."
+        32, "Held-out prompts generated from for --eval-reward-model.", ge=1
     )
-    eval_max_new_tokens: int = option(128, "Tokens generated per answer during evaluation.")
+    eval_max_new_tokens: int = option(128, "Tokens generated per answer during evaluation.", ge=1)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise UserError(f"--beta must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UserError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.nll_alpha < 0:
-            raise UserError(f"--nll-alpha must be >= 0, got {self.nll_alpha}")
         if self.nll_alpha and self.loss == "kto":
             raise UserError("--nll-alpha applies to paired losses, not kto")
-        if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise UserError("--desirable-weight and --undesirable-weight must be >= 0")
 
 
 # ---- the math: pure functions of sequence logprobs ----
@@ -339,7 +336,7 @@ def reference_logprobs(
 # ---- the loop ----
 
 
-class DPO:
+class DPO(Algorithm):
     command = "dpo"
 
     def __init__(self, session: Session, cfg: DPOConfig):

@@ -34,7 +34,7 @@ from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.config import option
 from mlxpost.errors import UserError
 from mlxpost.functional import kl_estimate, masked_mean, masked_sum, token_entropy, token_logprobs
-from mlxpost.loop import Session
+from mlxpost.loop import Algorithm, Session
 
 ADVANTAGES = ("group", "batch", "none", "rank")
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -47,9 +47,11 @@ class GRPOConfig(RLConfig):
         "Advantage scale: group std (GRPO), batch std, none (Dr. GRPO), or rank within the group.",
         ADVANTAGES,
     )
-    clip_low: float = option(0.2, "Lower clip range: ratios below 1 - clip_low are clipped.")
+    clip_low: float = option(
+        0.2, "Lower clip range: ratios below 1 - clip_low are clipped.", ge=0, lt=1
+    )
     clip_high: float = option(
-        0.2, "Upper clip range: ratios above 1 + clip_high are clipped (DAPO: 0.28)."
+        0.2, "Upper clip range: ratios above 1 + clip_high are clipped (DAPO: 0.28).", ge=0
     )
     importance: str = option(
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO).", ("token", "sequence")
@@ -65,10 +67,6 @@ class GRPOConfig(RLConfig):
         super().__post_init__()
         if self.num_generations < 2 and self.advantage != "none":
             raise UserError("--num-generations must be at least 2 for group advantages")
-        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
-            raise UserError(
-                f"need 0 <= --clip-low < 1 and --clip-high >= 0, got {self.clip_low}, {self.clip_high}"
-            )
 
 
 # ---- the math ----
@@ -138,7 +136,7 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
 # ---- the loop ----
 
 
-class GRPO:
+class GRPO(Algorithm):
     def __init__(self, session: Session, cfg: GRPOConfig):
         self.session, self.cfg = session, cfg
         self.rollouts = Rollouts(session, cfg, "grpo")
@@ -190,12 +188,15 @@ class GRPO:
             ),
         }
         parts, weights = self.microbatches(batch)
+        skipped = 0.0
         for epoch in range(cfg.ppo_epochs):
             metrics = session.backend.train_step(
                 session.model, session.optimizer, self.loss_fn, parts, weights
             )
+            skipped += metrics["nonfinite_updates"]
             if epoch == 0:
                 first = metrics
+        metrics["nonfinite_updates"] = skipped
         if not has_reference:
             metrics.pop("kl", None)  # measured against zeros: meaningless
         groups = rewards.reshape(-1, cfg.num_generations)

@@ -24,9 +24,8 @@ import numpy as np
 
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.config import option
-from mlxpost.errors import UserError
 from mlxpost.functional import kl_estimate, masked_mean, token_entropy, token_logprobs
-from mlxpost.loop import Session
+from mlxpost.loop import Algorithm, Session
 from mlxpost.ops import NumpyOps
 
 
@@ -35,32 +34,27 @@ class PPOConfig(RLConfig):
     batch_size: int = option(16, "Prompts per step.")
     num_generations: int = option(2, "Completions per prompt.")
     ppo_epochs: int = option(4, "Epochs over each rollout buffer.")
-    minibatches: int = option(2, "Minibatches per epoch (an optimizer step each).")
+    minibatches: int = option(2, "Minibatches per epoch (an optimizer step each).", ge=1)
     kl_beta: float = option(0.05, "Per-token KL penalty in the reward.")
     kl_estimator: str = option(
         "k1", "Per-token KL in the reward: k1 (log ratio) or k3.", ("k1", "k3")
     )
-    gamma: float = option(1.0, "Discount.")
-    lam: float = option(0.95, "GAE lambda.")
-    clip_range: float = option(0.2, "Policy ratio clip range.")
-    clip_range_value: float = option(0.2, "Value clip range around the rollout's values.")
-    vf_coef: float = option(0.1, "Weight of the value loss.")
+    gamma: float = option(1.0, "Discount.", ge=0, le=1)
+    lam: float = option(0.95, "GAE lambda.", ge=0, le=1)
+    clip_range: float = option(0.2, "Policy ratio clip range.", gt=0)
+    clip_range_value: float = option(0.2, "Value clip range around the rollout's values.", gt=0)
+    vf_coef: float = option(0.1, "Weight of the value loss.", ge=0)
     whiten_advantages: bool = option(
         True,
         "Normalise advantages over the batch's tokens.",
         flag="--whiten-advantages/--raw-advantages",
     )
     target_kl: float = option(
-        0.1, "Stop the epochs early when the approximate KL exceeds 1.5x this (0: never)."
+        0.1, "Stop the epochs early when the approximate KL exceeds 1.5x this (0: never).", ge=0
     )
     reward_model: str | None = option(
         None, "Reward model directory from `mlxpost rm`; replaces --rewards."
     )
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.lam <= 1 or not 0 <= self.gamma <= 1:
-            raise UserError(f"--gamma and --lam must be in [0, 1], got {self.gamma}, {self.lam}")
 
 
 # ---- the math ----
@@ -134,7 +128,7 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
 # ---- the loop ----
 
 
-class PPO:
+class PPO(Algorithm):
     def __init__(self, session: Session, cfg: PPOConfig):
         self.session, self.cfg = session, cfg
         self.rollouts = Rollouts(session, cfg, "ppo")
@@ -207,9 +201,9 @@ class PPO:
                     break
             if stopped:
                 break
-        last_metrics = history[-1]
         return {
-            **last_metrics,
+            **history[-1],
+            "nonfinite_updates": sum(h["nonfinite_updates"] for h in history),
             "epochs_run": epoch + 1,
             "early_stopped": float(stopped),
             "score": float(scores.mean()),

@@ -34,9 +34,8 @@ from mlxpost import assets
 from mlxpost.algorithms.supervised import Batches, check_lengths, collate
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
-from mlxpost.errors import UserError
 from mlxpost.functional import last_token_index
-from mlxpost.loop import Session
+from mlxpost.loop import Algorithm, Session
 from mlxpost.reward_model import REWARD_MODEL_FILE
 
 
@@ -50,19 +49,15 @@ class RMConfig(TrainConfig):
         0.0,
         "Weight of the reward-centring term mean((r_chosen + r_rejected)^2) (Eisenstein et al., "
         "2023, use 0.01); 0: off.",
+        ge=0,
     )
     on_too_long: str = option(
         "drop",
         "Pairs with a side over --max-length: drop them or truncate the completions.",
         ("drop", "truncate"),
     )
-    eval_limit: int = option(300, "Held-out pairs scored at each evaluation (0: all).")
-    eval_batch_size: int = option(16, "Pairs per batch when evaluating.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.centring_coef < 0:
-            raise UserError(f"--centring-coef must be >= 0, got {self.centring_coef}")
+    eval_limit: int = option(300, "Held-out pairs scored at each evaluation (0: all).", ge=0)
+    eval_batch_size: int = option(16, "Pairs per batch when evaluating.", ge=1)
 
 
 # ---- preference pairs on the loop (shared with DPO) ----
@@ -151,7 +146,7 @@ def rm_loss(ops, forward, batch, cfg: RMConfig):
 # ---- the loop ----
 
 
-class RewardModel:
+class RewardModel(Algorithm):
     command = "rm"
 
     def export(self, directory: str) -> None:

@@ -26,7 +26,7 @@ from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
 from mlxpost.errors import UserError
 from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
-from mlxpost.loop import Session
+from mlxpost.loop import Algorithm, Session
 
 
 @dataclass
@@ -50,27 +50,31 @@ class SFTConfig(TrainConfig):
         ("drop", "truncate"),
     )
     kl_beta: float = option(
-        0.0, "Weight of KL(policy || reference) added to the loss (InstructGPT-style); 0: off."
+        0.0,
+        "Weight of KL(policy || reference) added to the loss (InstructGPT-style); 0: off.",
+        ge=0,
     )
     reference: str | None = option(
         None,
         "Reference checkpoint for the KL; default: the base model with the adapter off (with --full: the base checkpoint).",
     )
-    eval_limit: int = option(200, "Held-out examples for the held-out loss.")
+    eval_limit: int = option(200, "Held-out examples for the held-out loss.", ge=1)
     eval_math: int = option(
-        100, "Held-out math problems scored greedily at each evaluation (0: off)."
+        100, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
     )
     eval_math_data: str | None = option(
         None,
         "Math problems (question/answer) for --eval-math; default: the bundled math test split.",
     )
     eval_text: int = option(
-        100, "General-text passages whose perplexity is measured at each evaluation (0: off)."
+        100, "General-text passages whose perplexity is measured at each evaluation (0: off).", ge=0
     )
-    eval_max_new_tokens: int = option(192, "Tokens generated per math answer during evaluation.")
+    eval_max_new_tokens: int = option(
+        192, "Tokens generated per math answer during evaluation.", ge=1
+    )
 
 
-class SFT:
+class SFT(Algorithm):
     command = "sft"
     report_reasoning = False  # distillation also tracks how long the model reasons
 

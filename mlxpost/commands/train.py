@@ -34,7 +34,7 @@ def run(
 
     module, name = algorithm.split(":")
     algorithm_cls = getattr(importlib.import_module(f"mlxpost.algorithms.{module}"), name)
-    cfg = resolve(config_cls, ctx, values, config_file)
+    cfg = resolve(config_cls, ctx, values, config_file, command)
     session = setup(command, cfg, scalar_head=scalar_head)
     click.echo(json.dumps(json_safe(train(session, algorithm_cls(session, cfg))), indent=2))
 
