@@ -166,7 +166,7 @@ def restore(session: Session) -> int | None:
         trainable = load_arrays(os.path.join(path, "trainable.npz"))
         optimizer_state = load_arrays(os.path.join(path, "optimizer.npz"))
         optimizer_step = int(state["optimizer_step"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as err:
+    except Exception as err:  # a cut or garbled file fails in many ways (zip, JSON, npy)
         raise UserError(
             f"{path}: checkpoint is unreadable ({type(err).__name__}: {err}); "
             "remove it to resume from the one before"
