@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def normalise_weights(count: int, weights: Sequence[float] | None) -> list[float]:
@@ -25,7 +25,19 @@ def average_metrics(metrics: list[dict[str, float]], weights: Sequence[float]) -
     return {k: float(sum(w * m[k] for m, w in zip(metrics, weights))) for k in keys}
 
 
-def update_is_finite(loss: float, grad_norm: float) -> bool:
-    """Whether an optimizer update may be applied: a NaN or inf loss or gradient norm
-    means the step is skipped (and counted as `nonfinite_updates`) instead."""
-    return math.isfinite(loss) and math.isfinite(grad_norm)
+def finite_update(
+    update: Callable[[float], None], loss: float, grad_norm: float, lr: float, metrics: dict
+) -> dict[str, float]:
+    """Apply `update(lr)` unless the loss or the gradient norm is NaN or inf (a NaN or inf
+    in any gradient makes the norm non-finite); then the step is skipped and counted as
+    `nonfinite_updates`. Returns the step's metrics."""
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        update(lr)
+    return {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "nonfinite_updates": float(not finite),
+    }

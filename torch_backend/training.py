@@ -9,7 +9,7 @@ import torch
 
 from mlxpost.backend import OptimConfig
 from mlxpost.schedule import learning_rate
-from mlxpost.training_utils import average_metrics, normalise_weights, update_is_finite
+from mlxpost.training_utils import average_metrics, finite_update, normalise_weights
 
 
 class TorchOptimizer:
@@ -89,17 +89,12 @@ def train_step(
     loss, metrics = accumulate_grads(forward, ops, loss_fn, microbatches, weights, to_tensors)
     params = [p for p in optimizer.params.values() if p.grad is not None]
     grad_norm = float(clip_grad_norm([p.grad for p in params], optimizer.cfg.max_grad_norm))
-    lr = learning_rate(optimizer.cfg, optimizer.step)
-    finite = update_is_finite(loss, grad_norm)
-    if finite:  # a NaN or inf anywhere in the gradients makes the norm non-finite
+
+    def update(lr: float) -> None:
         for group in optimizer.adamw.param_groups:
             group["lr"] = lr
         optimizer.adamw.step()
         optimizer.step += 1
-    return {
-        **metrics,
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "learning_rate": lr,
-        "nonfinite_updates": float(not finite),
-    }
+
+    lr = learning_rate(optimizer.cfg, optimizer.step)
+    return finite_update(update, loss, grad_norm, lr, metrics)

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxpost.backend import OptimConfig
 from mlxpost.schedule import learning_rate
-from mlxpost.training_utils import average_metrics, normalise_weights, update_is_finite
+from mlxpost.training_utils import average_metrics, finite_update, normalise_weights
 
 
 class MLXOptimizer:
@@ -122,18 +122,12 @@ def train_step(
         model, forward, ops, loss_fn, microbatches, weights, to_arrays, compile
     )
     grads, grad_norm = clip_grad_norm(grads, optimizer.cfg.max_grad_norm)
-    grad_norm = grad_norm.item()
-    lr = learning_rate(optimizer.cfg, optimizer.step)
-    finite = update_is_finite(loss, grad_norm)
-    if finite:  # a NaN or inf anywhere in the gradients makes the norm non-finite
+
+    def update(lr: float) -> None:
         optimizer.adamw.learning_rate = lr
         optimizer.adamw.update(module, grads)
         mx.eval(module.parameters(), optimizer.adamw.state)
         optimizer.step += 1
-    return {
-        **metrics,
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "learning_rate": lr,
-        "nonfinite_updates": float(not finite),
-    }
+
+    lr = learning_rate(optimizer.cfg, optimizer.step)
+    return finite_update(update, loss, grad_norm.item(), lr, metrics)
