@@ -1,0 +1,1 @@
+"""The peer benchmark behind scripts/bench_peers.py (whose docstring says what it measures)."""
