@@ -12,7 +12,22 @@ of them, so values agree to about 1e-6 relative; checks allow 1e-5 of the
 largest magnitude involved. bfloat16 keeps 8 mantissa bits (relative step
 2^-8 = 0.4%); activations are rounded after every layer, so the backends can
 differ by a couple of bf16 steps of the largest logit: checks allow 1e-2
-relative, 2.5 steps (float16: 2e-3, its step being 2^-11).
+relative, 2.5 steps (float16: 2e-3, its step being 2^-11). In half precision
+the gradient tolerance is at least twice the reference backend's own error
+against its float32 gradients.
+
+Two checks would measure luck if they compared the backends' outputs directly,
+because a function with a jump turns a rounding difference into a full one:
+- AdamW's first update is lr * g / (|g| + eps), about lr * sign(g), so a gradient
+  within the gradient tolerance of zero may change sign and move a weight by
+  2 * lr. Each backend's step is instead held to float32 rounding against a
+  numpy AdamW fed the gradient that backend stepped with, and the two stepped
+  gradients are compared at the gradient tolerance.
+- Greedy decoding takes an argmax, so where the two likeliest tokens are
+  within the logprob tolerance of each other either backend may pick either.
+  Such a near-tie is accepted where the tokens first differ (and the row is
+  not compared further: the continuations differ from there); a divergence
+  where either backend prefers its token by more than the tolerance fails.
 """
 
 from __future__ import annotations
@@ -23,6 +38,7 @@ import numpy as np
 
 from mlxpost.backend import Backend, LoraConfig, OptimConfig, SamplingConfig, get_backend
 from mlxpost.functional import nll_loss, prediction_mask
+from mlxpost.schedule import learning_rate
 
 RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 
@@ -60,6 +76,76 @@ def compare(name: str, reference, other, mask=None, tolerance=0.0, detail="") ->
     mean_diff = float(diff.mean()) if diff.size else 0.0
     ok = bool(np.isfinite(max_diff) and max_diff <= tolerance)
     return Check(name, max_diff, mean_diff, float(tolerance), ok, detail)
+
+
+def relative_tolerance(values, rtol: float, mask=None) -> float:
+    """`rtol` of the largest |value| (over `mask`), and at least `rtol` itself."""
+    values = np.abs(np.asarray(values, np.float64))
+    if mask is not None:
+        values = values[np.asarray(mask).astype(bool)]
+    scale = float(values.max()) if values.size else 1.0
+    return rtol * max(scale, 1.0)
+
+
+def adamw_first_step(weights, grads, cfg: OptimConfig, lr: float):
+    """AdamW's first step from zero moments, in float64: (updated weights, m, v).
+
+    Bias correction makes m_hat = g and v_hat = g^2, so the update is
+    lr * g / (|g| + eps) whatever the betas; they show in the moments only.
+    """
+    weights, grads = np.asarray(weights, np.float64), np.asarray(grads, np.float64)
+    m = (1 - cfg.beta1) * grads
+    v = (1 - cfg.beta2) * grads**2
+    m_hat, v_hat = m / (1 - cfg.beta1), v / (1 - cfg.beta2)
+    updated = weights * (1 - lr * cfg.weight_decay) - lr * m_hat / (np.sqrt(v_hat) + cfg.eps)
+    return updated, m, v
+
+
+def compare_greedy(name: str, ref_ids, other_ids, next_logprobs, rtol: float) -> Check:
+    """Greedy tokens of two backends; they may differ only where rounding can break a tie.
+
+    Each row is compared up to its first differing token. There
+    `next_logprobs(row, col)` gives both backends' (V,) logprobs for that
+    position after the shared prefix. With `a` the reference's token and `b`
+    the other's, each backend's margin logprob[a] - logprob[b] must be within
+    the logprob tolerance (`rtol` of the largest |logprob| in the reference's
+    row): a near-tie that either backend may break either way. The rest of
+    such a row is not compared, since the continuations differ from there.
+    Reported: the largest margin at a divergence, and that row's tolerance.
+    """
+    ref_ids, other_ids = np.asarray(ref_ids), np.asarray(other_ids)
+    rows, length = ref_ids.shape
+    equal, margins, tolerances, notes = 0, [], [], []
+    for row in range(rows):
+        differs = np.flatnonzero(ref_ids[row] != other_ids[row])
+        if not differs.size:
+            equal += length
+            continue
+        col = int(differs[0])
+        equal += col
+        ref_logprobs, other_logprobs = (np.asarray(x, np.float64) for x in next_logprobs(row, col))
+        a, b = int(ref_ids[row, col]), int(other_ids[row, col])
+        margin = max(
+            abs(ref_logprobs[a] - ref_logprobs[b]), abs(other_logprobs[a] - other_logprobs[b])
+        )
+        tolerance = relative_tolerance(ref_logprobs, rtol)
+        margins.append(margin)
+        tolerances.append(tolerance)
+        verdict = "near-tie, rest of row not compared" if margin <= tolerance else "clear"
+        notes.append(
+            f"row {row} token {col}: {a} vs {b}, margin {margin:.3g} "
+            f"{'<=' if margin <= tolerance else '>'} {tolerance:.3g} ({verdict})"
+        )
+    margins, tolerances = np.array(margins), np.array(tolerances)
+    largest = int(np.argmax(margins)) if margins.size else None
+    return Check(
+        name,
+        float(margins[largest]) if largest is not None else 0.0,
+        float(margins.mean()) if margins.size else 0.0,
+        float(tolerances[largest]) if largest is not None else 0.0,
+        bool((margins <= tolerances).all()),
+        "; ".join([f"{equal}/{ref_ids.size} tokens equal", *notes]),
+    )
 
 
 def default_seq_len(config: dict) -> int:
@@ -115,6 +201,7 @@ class ParityRun:
             self.prepare_adapter(backend, model)
         self.seq_len = setup.seq_len or default_seq_len(self.config)
         self.vocab_size = int(self.config["vocab_size"])
+        self._gradient_tolerance: tuple[float, str] | None = None
 
     def prepare_adapter(self, backend: Backend, model) -> None:
         """The given adapter, or a fresh one with non-zero B so every LoRA gradient is live."""
@@ -132,11 +219,7 @@ class ParityRun:
         return (self.reference, self.other)
 
     def tolerance(self, reference_values, mask=None) -> float:
-        values = np.abs(np.asarray(reference_values))
-        if mask is not None:
-            values = values[np.asarray(mask).astype(bool)]
-        scale = float(values.max()) if values.size else 1.0
-        return self.rtol * max(scale, 1.0)
+        return relative_tolerance(reference_values, self.rtol, mask)
 
     def check_logprobs(self, left: bool) -> Check:
         ids, mask = token_batch(
@@ -188,12 +271,7 @@ class ParityRun:
         names = sorted(ref_grads)
         ref_flat = np.concatenate([ref_grads[n].ravel() for n in names])
         flat = np.concatenate([grads[n].ravel() for n in names])
-        tolerance, detail = self.rtol * float(np.abs(ref_flat).max()), ""
-        if self.setup.dtype != "float32":
-            own_error = self.half_precision_gradient_error(names, ref_flat)
-            if 2 * own_error > tolerance:
-                tolerance = 2 * own_error
-                detail = f"tolerance: twice the reference backend's own {self.setup.dtype} error vs float32"
+        tolerance, detail = self.gradient_tolerance(names, ref_flat)
         checks.append(
             compare(
                 f"gradients ({len(names)} LoRA tensors)",
@@ -204,6 +282,20 @@ class ParityRun:
             )
         )
         return checks
+
+    def gradient_tolerance(self, names, ref_flat) -> tuple[float, str]:
+        """rtol of the largest gradient; in half precision at least twice the reference
+        backend's own error against float32. Computed once and shared by the gradient
+        and optimizer-step checks."""
+        if self._gradient_tolerance is None:
+            tolerance, detail = self.rtol * float(np.abs(ref_flat).max()), ""
+            if self.setup.dtype != "float32":
+                own_error = self.half_precision_gradient_error(names, ref_flat)
+                if 2 * own_error > tolerance:
+                    tolerance = 2 * own_error
+                    detail = f"tolerance: twice the reference backend's own {self.setup.dtype} error vs float32"
+            self._gradient_tolerance = (tolerance, detail)
+        return self._gradient_tolerance
 
     def half_precision_gradient_error(self, names, half_grads) -> float:
         """Max |g_half - g_float32| of the reference backend: what the precision itself costs.
@@ -218,43 +310,88 @@ class ParityRun:
         exact = np.concatenate([grads[n].ravel() for n in names])
         return float(np.abs(exact - half_grads).max())
 
-    def check_optimizer_step(self) -> Check:
-        """One AdamW step from identical weights on the same batch.
+    def check_optimizer_step(self) -> list[Check]:
+        """One AdamW step (with weight decay) from identical weights on the same batch.
 
-        Adam's first update is lr * g / (|g| + eps): where |g| is near eps the
-        update is sensitive to the gradient's last bits, so each element's
-        tolerance propagates the gradient tolerance through that derivative
-        (capped at the 2 * lr an update can differ by at most).
+        Comparing the two backends' updated weights with each other would measure
+        luck in half precision: a gradient within the gradient tolerance of zero
+        may change sign between them, and Adam's first update, about lr * sign(g),
+        then moves that weight by 2 * lr. So the step is checked in two parts:
+        - each backend's updated weights and second moment against
+          `adamw_first_step` fed the gradient that backend stepped with, read back
+          from its first moment m = (1 - beta1) * g. Both optimizers thus see
+          identical inputs and are held to float32 rounding: 4 ulps of the weight
+          plus 4e-5 * lr (1e-5, plus mlx's float32 bias corrections at the default
+          betas), and 1e-5 relative for v. A wrong learning rate, eps, bias
+          correction, weight decay or beta2 fails here;
+        - the two stepped gradients against each other at the gradient check's
+          tolerance: a sign flip within it passes, a step that computes another
+          gradient (or a wrong beta1, which scales m) fails.
         """
-        batch, ((_, _, ref_grads), _) = self.loss_and_grads()
-        cfg = OptimConfig(learning_rate=self.setup.learning_rate, max_grad_norm=None, total_steps=1)
-        before = self.reference.parameters(self.models[0], True)
-        after = []
+        cfg = OptimConfig(
+            learning_rate=self.setup.learning_rate,
+            weight_decay=0.01,
+            max_grad_norm=None,
+            total_steps=1,
+        )
+        lr = learning_rate(cfg, 0)
+        # mlx forms the bias corrections 1 - beta^t in float32, losing the bits beta shares
+        # with 1: relative error up to 2^-24 / (1 - beta), halved by the square root for beta2.
+        update_rtol = 1e-5 + 2.0**-24 * (1 / (1 - cfg.beta1) + 0.5 / (1 - cfg.beta2))
+        batch = self.grad_batch()
+        # copies: the torch backend's arrays are views of its live CPU tensors
+        before = {n: v.copy() for n, v in self.reference.parameters(self.models[0], True).items()}
+        names = sorted(before)
+
+        def flat(values: dict, prefix: str = "") -> np.ndarray:
+            return np.concatenate([np.asarray(values[prefix + n]).ravel() for n in names])
+
+        weights = flat(before).astype(np.float64)
+        stepped_grads, afters, diffs, ratios, notes = [], [], [], [], []
         for backend, model in zip(self.backends, self.models):
             optimizer = backend.make_optimizer(model, cfg)
             backend.train_step(model, optimizer, nll_loss, [batch])
-            after.append(backend.parameters(model, True))
+            state = backend.optimizer_state(optimizer)
+            after = flat(backend.parameters(model, True)).astype(np.float64)
             backend.set_parameters(model, before)  # leave both models as they were
-        names = sorted(before)
-        grad = np.concatenate([ref_grads[n].ravel() for n in names])
-        ref_after = np.concatenate([after[0][n].ravel() for n in names])
-        other_after = np.concatenate([after[1][n].ravel() for n in names])
-        grad_tol = self.rtol * float(np.abs(grad).max())
-        weight_ulp = np.spacing(np.abs(ref_after).astype(np.float32)).astype(np.float64)
-        per_element = 4 * weight_ulp + cfg.learning_rate * np.minimum(
-            2.0, grad_tol / (np.abs(grad) + cfg.eps)
+            if f"m.{names[0]}" not in state:  # a non-finite gradient makes a backend skip the step
+                detail = f"{backend.name} took no step"
+                return [Check("AdamW step", float("inf"), float("inf"), 0.0, False, detail)]
+            grads = flat(state, "m.") / (1 - cfg.beta1)
+            expected, _, expected_v = adamw_first_step(weights, grads, cfg, lr)
+            weight_tol = 4 * np.spacing(np.abs(expected).astype(np.float32)) + update_rtol * lr
+            v_tol = 1e-5 * expected_v + np.spacing(expected_v.astype(np.float32))
+            weight_diff = np.abs(after - expected)
+            v_diff = np.abs(flat(state, "v.") - expected_v)
+            weight_ratio, v_ratio = np.max(weight_diff / weight_tol), np.max(v_diff / v_tol)
+            stepped_grads.append(grads)
+            afters.append(after)
+            diffs.append((weight_diff, weight_tol))
+            ratios.append(max(weight_ratio, v_ratio))
+            notes.append(f"{backend.name} {weight_ratio:.2g} (weights), {v_ratio:.2g} (v)")
+        weight_diff = np.concatenate([d for d, _ in diffs])
+        weight_tol = np.concatenate([t for _, t in diffs])
+        largest = int(np.argmax(weight_diff))
+        step_check = Check(
+            "AdamW step (each backend vs numpy AdamW)",
+            float(weight_diff.max()),
+            float(weight_diff.mean()),
+            float(weight_tol[largest]),
+            bool(max(ratios) <= 1.0),
+            "tolerance per element (shown: at the largest difference); worst diff/tolerance: "
+            + ", ".join(notes),
         )
-        diff = np.abs(ref_after.astype(np.float64) - other_after)
-        largest = int(np.argmax(diff))
-        ratio = float(np.max(diff / per_element))
-        return Check(
-            "AdamW step (updated LoRA weights)",
-            float(diff.max()),
-            float(diff.mean()),
-            float(per_element[largest]),
-            bool(ratio <= 1.0),
-            f"tolerance is per element (shown: at the largest difference); worst diff/tolerance {ratio:.3g}",
+        tolerance, _ = self.gradient_tolerance(names, stepped_grads[0])
+        flips = int(np.sum(np.sign(stepped_grads[0]) != np.sign(stepped_grads[1])))
+        gradient_check = compare(
+            "AdamW step (gradients the two steps used)",
+            stepped_grads[0],
+            stepped_grads[1],
+            tolerance=tolerance,
+            detail=f"{flips} changed sign; updated weights differ by up to "
+            f"{np.abs(afters[0] - afters[1]).max():.3g} (2 * lr = {2 * lr:.3g})",
         )
+        return [step_check, gradient_check]
 
     def check_greedy(self) -> Check:
         rng = np.random.default_rng(self.setup.seed + 3)
@@ -264,25 +401,28 @@ class ParityRun:
         ref, other = (
             b.sample(m, prompts, cfg, eos, 0, 0) for b, m in zip(self.backends, self.models)
         )
-        mismatched = ref.completion_ids != other.completion_ids
-        count = int(mismatched.sum())
-        detail = f"{ref.completion_ids.size - count}/{ref.completion_ids.size} tokens equal"
-        if count:
-            row, col = np.argwhere(mismatched)[0]
-            detail += f"; first difference in prompt {row} at token {col}"
-        return Check(
+
+        def next_logprobs(row: int, col: int):
+            prefix = prompts[row] + ref.completion_ids[row, :col].tolist()
+            ids = np.array([prefix], np.int32)
+            logits = (
+                b.token_logits(m, ids, np.ones_like(ids))[0, -1].astype(np.float64)
+                for b, m in zip(self.backends, self.models)
+            )
+            return [x - x.max() - np.log(np.exp(x - x.max()).sum()) for x in logits]
+
+        return compare_greedy(
             f"greedy decoding ({cfg.max_new_tokens} tokens)",
-            float(count),
-            count / mismatched.size,
-            0.0,
-            count == 0,
-            detail,
+            ref.completion_ids,
+            other.completion_ids,
+            next_logprobs,
+            self.rtol,
         )
 
     def run(self) -> list[Check]:
         checks = [self.check_logprobs(left=False), self.check_logprobs(left=True)]
         checks += self.check_loss_and_grads()
-        checks.append(self.check_optimizer_step())
+        checks += self.check_optimizer_step()
         checks.append(self.check_greedy())
         return checks
 
