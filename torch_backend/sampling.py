@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,15 @@ import torch
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.sampling import assemble, left_pad, new_token_budget
 from torch_backend.modeling import TorchModel, positions
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name under which forward takes and returns the KV cache.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns and
+    goes in 5.40); earlier releases know only `past_key_values`.
+    """
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -58,10 +68,11 @@ def sample(
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.as_tensor(list(eos_ids), device=device)
 
+    cache_name = cache_keyword(model.module)
     out = model.module(
         input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]  # (B, V)
+    cache, logits = out[cache_name], out.logits[:, -1]  # (B, V)
     next_position = positions(mask)[:, -1] + 1  # (B,)
     if cfg.n > 1:  # every sample of a prompt reuses that prompt's prefill
         cache.batch_repeat_interleave(cfg.n)
@@ -85,10 +96,10 @@ def sample(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_position[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name: cache},
         )
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out[cache_name], out.logits[:, -1]
         next_position = next_position + 1
 
     def stacked(steps):  # one device-to-host copy at the end, not one per token
