@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
-from mlxpost.checkpoint import read_config
+from mlxpost.checkpoint import first_line, read_config
+from mlxpost.errors import UserError
 from mlxpost.heads import init_scalar_head
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,13 +40,24 @@ class TorchModel:
 
 
 def load(path: str, dtype: str, device: torch.device) -> TorchModel:
-    config = read_config(path)
+    config = read_config(path, tokenizer=False)  # whole weights that fit config.json
     hf_logging.disable_progress_bar()  # mlxpost reports its own progress
     # Gemma-2's attention soft-capping exists only in the eager kernel.
     attn = "eager" if config["model_type"] == "gemma2" else "sdpa"
-    module = AutoModelForCausalLM.from_pretrained(
-        path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn
-    )
+    try:
+        module = AutoModelForCausalLM.from_pretrained(
+            path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn
+        )
+    except KeyError as err:  # a name transformers has no entry for, e.g. an activation
+        raise UserError(
+            f"{path}: transformers cannot load this checkpoint (unknown {err.args[0]!r}; "
+            "check config.json)"
+        ) from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        # What read_config cannot see: a config value transformers rejects, unreadable data.
+        raise UserError(
+            f"{path}: transformers cannot load this checkpoint ({first_line(err)})"
+        ) from None
     module.to(device)
     module.eval()  # dropout off: the model's own dropouts are not part of post-training here
     return TorchModel(

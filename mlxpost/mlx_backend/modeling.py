@@ -12,7 +12,8 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxpost.backend import LoraConfig
-from mlxpost.checkpoint import read_config
+from mlxpost.checkpoint import first_line, read_config
+from mlxpost.errors import UserError
 from mlxpost.heads import init_scalar_head
 from mlxpost.mlx_backend.lora import named_parameters
 from mlxpost.mlx_backend.models.common import load_model
@@ -44,8 +45,14 @@ class MLXModel:
 
 
 def load(path: str, dtype: str) -> MLXModel:
-    config = read_config(path)
-    module = load_model(path, MLX_DTYPES[dtype])
+    config = read_config(path, tokenizer=False)  # whole weights that fit config.json
+    try:
+        module = load_model(path, MLX_DTYPES[dtype])
+    except KeyError as err:  # the model code reads config.json's keys directly
+        raise UserError(f"{path}/config.json: no {err.args[0]!r}, which the model needs") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        # What read_config cannot see: a config value the model code rejects, unreadable data.
+        raise UserError(f"{path}: cannot load this checkpoint ({first_line(err)})") from None
     module.eval()
     return MLXModel(module=module, arch=config["model_type"], config=config, path=path, dtype=dtype)
 
