@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig
+from mlxpost.checkpoint import first_line, read_json, read_safetensors_header
 from mlxpost.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# `<module path>.lora_A.weight`, optionally with PEFT's adapter name: `.lora_A.default.weight`.
+LORA_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.default)?\.weight$")
 
 
 class AdapterError(UserError, ValueError):
@@ -96,7 +100,8 @@ def save_adapter(
 
 
 def load_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """Read a PEFT LoRA adapter; returns its config and weights keyed by module path names."""
+    """Read a PEFT LoRA adapter; returns its config and weights keyed by module path names.
+    Every way the files can be wrong is an AdapterError naming the file and the key or tensor."""
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for path in (config_path, weights_path):
@@ -105,37 +110,95 @@ def load_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
                 f"{path}: not found (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
     try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{config_path}: not valid JSON ({err})") from err
+        config = read_json(config_path)
+    except UserError as err:
+        raise AdapterError(str(err)) from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object")
+    cfg = read_lora_config(config_path, config)
+    try:
+        header = read_safetensors_header(weights_path)
+        tensors = load_file(weights_path)
+    except UserError as err:
+        raise AdapterError(str(err)) from None
+    except Exception as err:  # safetensors' own checks, should the header check miss one
+        raise AdapterError(f"{weights_path}: unreadable ({first_line(err)})") from None
+    if not header:
+        raise AdapterError(f"{weights_path}: holds no tensors")
+    weights = {}
+    for key, value in tensors.items():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        match = LORA_KEY.match(name)
+        if match is None:
+            raise AdapterError(
+                f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)"
+            )
+        module, part = match.group(1), match.group(2)
+        if value.ndim != 2 or value.shape[0 if part == "A" else 1] != cfg.rank:
+            side = "(r, in)" if part == "A" else "(out, r)"
+            raise AdapterError(
+                f"{weights_path}: {key} has shape {tuple(value.shape)}, expected rank "
+                f"r={cfg.rank} from {CONFIG_FILE}: {side} (per-module ranks are not supported)"
+            )
+        weights[f"{module}.lora_{part}.weight"] = value.astype(np.float32)
+    for name in weights:
+        module = name.rpartition(".lora_")[0]
+        if not {f"{module}.lora_A.weight", f"{module}.lora_B.weight"} <= set(weights):
+            raise AdapterError(f"{weights_path}: {module} needs both lora_A and lora_B")
+    return cfg, weights
+
+
+def read_lora_config(config_path: str, config: dict) -> LoraConfig:
+    """The LoraConfig of a parsed adapter_config.json, each key checked."""
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
     for option in ("use_dora", "use_rslora"):
         if config.get(option):
             raise AdapterError(f"{config_path}: {option}=true is not supported")
+    for option in ("rank_pattern", "alpha_pattern"):  # per-module r or alpha
+        if config.get(option):
+            raise AdapterError(f"{config_path}: {option} is not supported")
+    for key, meaning in (("r", "the LoRA rank"), ("lora_alpha", "the update's scale numerator")):
+        if key not in config:
+            raise AdapterError(f"{config_path}: no {key} ({meaning})")
+    rank = config.get("r")
+    if isinstance(rank, float) and rank.is_integer():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{config_path}: r must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha")
+    if not _is_number(alpha):
+        raise AdapterError(f"{config_path}: lora_alpha must be a number, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if dropout is None:
+        dropout = 0.0
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise AdapterError(f"{config_path}: lora_dropout must be in [0, 1), got {dropout!r}")
     targets = config.get("target_modules")
     if isinstance(targets, str):
         raise AdapterError(
             f"{config_path}: target_modules as a regex is not supported; list the names"
         )
-    cfg = LoraConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout", 0.0)),
+    if targets is not None and (
+        not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+    ):
+        raise AdapterError(
+            f"{config_path}: target_modules must be a list of module names, got {targets!r}"
+        )
+    return LoraConfig(
+        rank=rank,
+        alpha=float(alpha),
+        dropout=float(dropout),
         targets=tuple(targets) if targets else None,
     )
-    weights = {}
-    for key, value in load_file(weights_path).items():
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        # PEFT may keep the adapter name in keys saved by hand: `lora_A.default.weight`.
-        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        if ".lora_A." not in name and ".lora_B." not in name:
-            raise AdapterError(
-                f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)"
-            )
-        weights[name] = value.astype(np.float32)
-    return cfg, weights
+
+
+def _is_number(value) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and np.isfinite(float(value))
+    )
 
 
 def check_adapter_fits(source: str, expected: dict, weights: dict) -> None:

@@ -13,9 +13,7 @@ init gives the same A for the same seed) and stayed close. `update` is exact: it
 
 from __future__ import annotations
 
-import glob
 import importlib.util
-import json
 import math
 import os
 import shutil
@@ -28,7 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mlxpost.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, load_adapter
-from mlxpost.checkpoint import read_config
+from mlxpost.checkpoint import read_config, read_safetensors_header, weight_files
 from mlxpost.errors import UserError
 
 SOUP_MODES = ("factors", "update")
@@ -132,12 +130,11 @@ class _Checkpoint:
         self.files: dict[str, str] = {}  # key -> shard
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._shards: dict = {}  # shard -> key -> tensor getter, opened on first use
-        for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+        for path in weight_files(directory):
             # The header alone gives names and shapes, whatever the dtype.
-            with safe_open(path, framework="numpy") as f:
-                for key in f.keys():
-                    self.files[key] = path
-                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+            for key, (_, shape) in read_safetensors_header(path).items():
+                self.files[key] = path
+                self.shapes[key] = shape
 
     def get(self, key: str):
         path = self.files[key]
@@ -149,14 +146,30 @@ class _Checkpoint:
 # --------------------------------------------------------------------------- output
 
 
-@contextmanager
-def _output_dir(output_dir: str, force: bool) -> Iterator[str]:
-    """Yield a fresh directory beside `output_dir`; it becomes `output_dir` only on success."""
+def check_output(output_dir: str, force: bool, inputs=()) -> None:
+    """--output may be replaced (a new or empty directory, or --force), and replacing it
+    destroys none of the inputs."""
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
-            raise UserError(f"{output_dir}: exists and is not a directory")
+            raise UserError(f"{output_dir}: --output exists and is not a directory")
         if os.listdir(output_dir) and not force:
-            raise UserError(f"{output_dir}: exists and is not empty; pass --force to replace it")
+            raise UserError(
+                f"{output_dir}: --output exists and is not empty; pass --force to replace it"
+            )
+    target = os.path.realpath(output_dir)
+    for path in inputs:
+        source = os.path.realpath(path)
+        if source == target or source.startswith(target + os.sep):
+            raise UserError(f"{output_dir}: --output would replace the input {path}")
+
+
+@contextmanager
+def _output_dir(output_dir: str, force: bool, announce=None) -> Iterator[str]:
+    """Yield a fresh directory beside `output_dir`; it becomes `output_dir` only on success.
+    `announce()` is called once every input has been checked, as writing starts."""
+    check_output(output_dir, force)
+    if announce is not None:
+        announce()
     target = os.path.abspath(output_dir)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
@@ -187,28 +200,13 @@ def _copy_non_weight_files(source: str, destination: str) -> None:
 
 
 def _load_lora(adapter_dir: str):
-    """(config, {module path: (A, B)}) of an adapter whose update is alpha/r·B@A everywhere."""
+    """(config, {module path: (A, B)}) of an adapter whose update is alpha/r·B@A everywhere
+    (load_adapter has checked every key, shape and rank)."""
     cfg, weights = load_adapter(adapter_dir)
-    weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
-    with open(os.path.join(adapter_dir, CONFIG_FILE)) as f:
-        config = json.load(f)
-    # Per-module alpha changes the scale silently; per-module rank is caught by shape below.
-    if config.get("alpha_pattern"):
-        raise UserError(f"{adapter_dir}/{CONFIG_FILE}: alpha_pattern is not supported")
     modules = {}
     for name in weights:
-        module, _, kind = name.rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight"):
-            raise UserError(f"{weights_path}: unsupported tensor {name!r} (only LoRA A/B weights)")
-        a, b = (weights.get(f"{module}.lora_{part}.weight") for part in "AB")
-        if a is None or b is None:
-            raise UserError(f"{weights_path}: {module} needs both lora_A and lora_B")
-        if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
-            raise UserError(
-                f"{weights_path}: {module} has lora_A {a.shape} and lora_B {b.shape}, "
-                f"expected rank r={cfg.rank} (per-module ranks are not supported)"
-            )
-        modules[module] = (a, b)
+        module = name.rpartition(".lora_")[0]
+        modules[module] = (weights[f"{module}.lora_A.weight"], weights[f"{module}.lora_B.weight"])
     return cfg, modules
 
 
@@ -222,9 +220,11 @@ def _checkpoint_key(module: str, arch: str, shapes: dict) -> str | None:
     return None
 
 
-def _fold(model_dir: str, adapters: list[tuple[float, str]], output_dir: str, force: bool) -> str:
+def _fold(
+    model_dir: str, adapters: list[tuple[float, str]], output_dir: str, force: bool, announce
+) -> str:
     """Write model_dir with Σ weight·ΔW of each (weight, adapter directory) added."""
-    arch = read_config(model_dir)["model_type"]
+    arch = read_config(model_dir, tokenizer=False)["model_type"]
     io = tensor_io()
     base = _Checkpoint(model_dir, io)
     # Checkpoint key -> [(factor, A, B, transpose)]; updates are built one tensor at a time.
@@ -247,7 +247,7 @@ def _fold(model_dir: str, adapters: list[tuple[float, str]], output_dir: str, fo
                 )
             updates.setdefault(key, []).append((weight * cfg.scale, a, b, transpose))
 
-    with _output_dir(output_dir, force) as tmp:
+    with _output_dir(output_dir, force, announce) as tmp:
         tensors = {}
         for key in base.files:
             tensor = base.get(key)
@@ -263,13 +263,16 @@ def _fold(model_dir: str, adapters: list[tuple[float, str]], output_dir: str, fo
     return output_dir
 
 
-def merge_adapter(model_dir: str, adapter_dir: str, output_dir: str, force: bool = False) -> str:
+def merge_adapter(
+    model_dir: str, adapter_dir: str, output_dir: str, force: bool = False, announce=None
+) -> str:
     """Write `output_dir`: the checkpoint `model_dir` with the LoRA adapter folded in.
 
     W' = W + lora_alpha/r · B @ A (transposed for GPT-2's Conv1D), in float64, cast back to
     W's dtype. All shards become one model.safetensors; non-weight files are copied.
     """
-    return _fold(model_dir, [(1.0, adapter_dir)], output_dir, force)
+    check_output(output_dir, force, (model_dir, adapter_dir))
+    return _fold(model_dir, [(1.0, adapter_dir)], output_dir, force, announce)
 
 
 # --------------------------------------------------------------------------- soups
@@ -303,6 +306,7 @@ def soup(
     mode: str | None = None,
     model_dir: str | None = None,
     force: bool = False,
+    announce=None,
 ) -> str:
     """Weighted average of adapters or of full checkpoints, written to `output_dir`.
 
@@ -313,6 +317,7 @@ def soup(
     """
     if len(inputs) < 2:
         raise UserError("a soup needs at least two inputs")
+    check_output(output_dir, force, [*inputs, *([model_dir] if model_dir else [])])
     weights = normalise_weights(weights, len(inputs))
     kinds = {path: _input_kind(path) for path in inputs}
     if len(set(kinds.values())) > 1:
@@ -322,20 +327,22 @@ def soup(
     if kinds[inputs[0]] == "checkpoint":
         if mode is not None or model_dir is not None:
             raise UserError("--mode and --model apply to adapter soups only")
-        return _checkpoint_soup(inputs, weights, output_dir, force)
+        return _checkpoint_soup(inputs, weights, output_dir, force, announce)
     mode = mode or "factors"
     if mode not in SOUP_MODES:
         raise UserError(f"unknown soup mode {mode!r}; choose from {', '.join(SOUP_MODES)}")
     if mode == "update":
         if model_dir is None:
             raise UserError("--mode update needs --model, the base checkpoint to fold into")
-        return _fold(model_dir, list(zip(weights, inputs)), output_dir, force)
+        return _fold(model_dir, list(zip(weights, inputs)), output_dir, force, announce)
     if model_dir is not None:
         raise UserError("--model is used by --mode update only")
-    return _factor_soup(inputs, weights, output_dir, force)
+    return _factor_soup(inputs, weights, output_dir, force, announce)
 
 
-def _factor_soup(inputs: list[str], weights: list[float], output_dir: str, force: bool) -> str:
+def _factor_soup(
+    inputs: list[str], weights: list[float], output_dir: str, force: bool, announce
+) -> str:
     first, (cfg, modules) = inputs[0], _load_lora(inputs[0])
     loaded = [modules]
     for path in inputs[1:]:
@@ -362,19 +369,21 @@ def _factor_soup(inputs: list[str], weights: list[float], output_dir: str, force
         for part, index in (("A", 0), ("B", 1)):
             total = sum(w * m[module][index].astype(np.float64) for w, m in zip(weights, loaded))
             tensors[f"{PEFT_PREFIX}{module}.lora_{part}.weight"] = total.astype(np.float32)
-    with _output_dir(output_dir, force) as tmp:
+    with _output_dir(output_dir, force, announce) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         shutil.copy2(os.path.join(first, CONFIG_FILE), os.path.join(tmp, CONFIG_FILE))
     return output_dir
 
 
-def _checkpoint_soup(inputs: list[str], weights: list[float], output_dir: str, force: bool) -> str:
+def _checkpoint_soup(
+    inputs: list[str], weights: list[float], output_dir: str, force: bool, announce
+) -> str:
     io = tensor_io()
     first = inputs[0]
-    arch = read_config(first)["model_type"]
+    arch = read_config(first, tokenizer=False)["model_type"]
     checkpoints = [_Checkpoint(first, io)]
     for path in inputs[1:]:
-        other_arch = read_config(path)["model_type"]
+        other_arch = read_config(path, tokenizer=False)["model_type"]
         if other_arch != arch:
             raise UserError(f"{path}: model_type {other_arch} differs from {first}: {arch}")
         other = _Checkpoint(path, io)
@@ -386,7 +395,7 @@ def _checkpoint_soup(inputs: list[str], weights: list[float], output_dir: str, f
                 f"shapes {sorted(shapes)[:3]}"
             )
         checkpoints.append(other)
-    with _output_dir(output_dir, force) as tmp:
+    with _output_dir(output_dir, force, announce) as tmp:
         tensors = {}
         for key in checkpoints[0].files:
             tensor = checkpoints[0].get(key)

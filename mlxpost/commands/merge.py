@@ -43,8 +43,10 @@ def merge(model_path, adapter, output, force):
     """
     from mlxpost.merge import merge_adapter
 
-    click.echo(f"merge: {adapter} into {model_path}", err=True)
-    click.echo(merge_adapter(model_path, adapter, output, force=force))
+    def announce():  # once the inputs are checked: an error is then the only line on stderr
+        click.echo(f"merge: {adapter} into {model_path}", err=True)
+
+    click.echo(merge_adapter(model_path, adapter, output, force=force, announce=announce))
 
 
 @click.command()
@@ -92,7 +94,9 @@ def soup(inputs, output, weights, mode, model_path, force):
     """
     from mlxpost.merge import soup as make_soup
 
-    click.echo(f"soup: {len(inputs)} inputs into {output}", err=True)
+    def announce():  # once the inputs are checked: an error is then the only line on stderr
+        click.echo(f"soup: {len(inputs)} inputs into {output}", err=True)
+
     click.echo(
         make_soup(
             list(inputs),
@@ -101,5 +105,6 @@ def soup(inputs, output, weights, mode, model_path, force):
             mode=mode,
             model_dir=model_path,
             force=force,
+            announce=announce,
         )
     )
