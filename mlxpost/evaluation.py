@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +24,26 @@ class MathExample:
     level: int | None = None
 
 
+def check_sampling(cfg) -> None:
+    """An eval config's generation options, named as the command line spells them."""
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if not math.isfinite(cfg.temperature) or cfg.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise UserError(f"--top-k must be 0 (off) or positive, got {cfg.top_k}")
+    check_batch_size(cfg)
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be 0 or positive, got {cfg.seed}")
+
+
+def check_batch_size(cfg) -> None:
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+
+
 @dataclass
 class MathEvalConfig:
     max_new_tokens: int = field(
@@ -33,6 +54,9 @@ class MathEvalConfig:
     top_k: int = field(default=0, metadata={"help": "Top-k when sampling (0: off)."})
     batch_size: int = field(default=64, metadata={"help": "Prompts generated together."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+    def __post_init__(self):
+        check_sampling(self)
 
 
 def math_examples(path: str, limit: int | None = None) -> list[MathExample]:
@@ -110,6 +134,11 @@ class PerplexityConfig:
         default=None,
         metadata={"help": "Tokens per sequence at most (longer ones are cut); None: no limit."},
     )
+
+    def __post_init__(self):
+        check_batch_size(self)
+        if self.max_length is not None and self.max_length < 2:
+            raise UserError(f"max_length must be at least 2, got {self.max_length}")
 
 
 def max_positions(config: dict) -> int | None:
@@ -198,6 +227,9 @@ class RepetitionConfig:
     batch_size: int = field(default=64, metadata={"help": "Prompts generated together."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
+    def __post_init__(self):
+        check_sampling(self)
+
 
 def prompt_conversations(path: str, limit: int | None = None) -> list[list[dict]]:
     """The prompt messages of an SFT dataset (its completions are not used)."""
@@ -284,6 +316,7 @@ class RewardEvalConfig:
     def __post_init__(self):
         from mlxpost.reward_model import read_reward_model_info
 
+        check_sampling(self)
         if not self.reward_model:
             raise UserError(
                 "--task reward needs --reward-model DIR (final/ of an `mlxpost rm` run)"

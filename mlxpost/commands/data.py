@@ -55,12 +55,14 @@ def data_check(path, command, model_path, split, max_length, as_json):
     """
     import os
 
-    import datasets
-
     from mlxpost.data import check_dataset, format_check_report
     from mlxpost.tokenizer import load_tokenizer
 
-    datasets.disable_progress_bars()  # stderr is for the one-line error
+    if max_length is not None:
+        if not model_path:
+            raise UserError("--max-length needs --model: lengths are counted in its tokens")
+        if max_length < 2:
+            raise UserError(f"--max-length must be at least 2, got {max_length}")
     if model_path and not os.path.isdir(model_path):
         # Checked here: AutoTokenizer would take a missing path for a Hub name.
         raise UserError(f"{model_path}: not found")
@@ -104,7 +106,9 @@ def data_check(path, command, model_path, split, max_length, as_json):
 )
 @click.option("--temperature", default=1.0, show_default=True, help="Sampling temperature.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens per completion.")
-@click.option("--limit", type=int, default=None, help="Use the first N prompts only.")
+@click.option(
+    "--limit", type=int, default=None, help="Use the first N prompts only (N >= 1); default: all."
+)
 @click.option(
     "--min-gap",
     default=0.5,
@@ -135,6 +139,7 @@ def data_pairs(
       mlxpost data pairs mlxpost/assets/data/rl/prompts.jsonl --limit 1000 --output pairs.jsonl
       mlxpost dpo --data pairs.jsonl
     """
+    import math
     import os
 
     from mlxpost import assets
@@ -146,13 +151,25 @@ def data_pairs(
 
     if os.path.exists(output):
         raise UserError(f"{output}: already exists; give a new --output")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise UserError(f"{output}: --output's folder does not exist")
     if num_generations < 2:
         raise UserError(f"--num-generations must be at least 2, got {num_generations}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise UserError(
+            f"--temperature must be positive (pairs need varied samples), got {temperature}"
+        )
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (leave it out for all prompts), got {limit}")
+    if not math.isfinite(min_gap) or min_gap < 0:
+        raise UserError(f"--min-gap must be 0 or positive, got {min_gap}")
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or positive, got {seed}")
     reward_set = RewardSet.parse(rewards, reward_weights)
     _, examples = load_examples(path, "grpo")
     examples = examples[:limit] if limit else examples
-    if not examples:
-        raise UserError(f"{path}: no prompts")
     backend_, model, info = load_model_and_tokenizer(
         backend, model_path or assets.DEFAULT_MODEL, adapter, "float32"
     )

@@ -102,13 +102,18 @@ def check_entry(entry: Entry) -> None:
         load_adapter(entry.adapter)
 
 
-def evaluate_entry(task: str, entry: Entry, data: list, cfg, backend_name: str, dtype: str):
-    """Load the entry afresh (no adapter carries over from another entry) and evaluate it."""
+def evaluate_entry(task: str, entry: Entry, dataset, cfg, backend_name: str, dtype: str):
+    """Load the entry afresh (no adapter carries over from another entry) and evaluate it on
+    `dataset`, (path, examples)."""
     from mlxpost.checkpoint import read_config
     from mlxpost.evaluation import max_positions
 
     backend, model, info = load_model_and_tokenizer(backend_name, entry.model, entry.adapter, dtype)
-    click.echo(f"eval {task}: {entry.label}, {len(data)} examples, {backend.describe()}", err=True)
+    path, data = dataset
+    click.echo(
+        f"eval {task}: {entry.label}, {len(data)} examples from {path}, {backend.describe()}",
+        err=True,
+    )
     if task == "perplexity":
         cfg = replace(cfg, max_length=max_positions(read_config(entry.model)))
     report = task_parts(task)[2](backend, model, info, data, cfg)
@@ -285,7 +290,7 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     "--limit",
     type=int,
     default=None,
-    help="Evaluate the first N examples only; default: all (repetition, reward: 100).",
+    help="Evaluate the first N examples only (N >= 1); default: all (repetition, reward: 100).",
 )
 @click.option(
     "--max-new-tokens",
@@ -353,8 +358,14 @@ def evaluate(
     from mlxpost.assets import default_model
 
     model_path = model_path or default_model()
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 (leave it out for all examples), got {limit}")
     if compare and adapter:
         raise UserError("--adapter does not apply with --compare: list adapter directories there")
+    if chart_path and not compare:
+        raise UserError("--chart applies with --compare only")
+    config_class, load_data, _ = task_parts(task)
+    cfg = task_config(task, config_class, options)  # option values before any file is read
     entries = (
         parse_compare(compare, model_path) if compare else [Entry(model_path, model_path, adapter)]
     )
@@ -363,12 +374,12 @@ def evaluate(
     chart_path = chart_path or f"eval-compare-{task}.png"
     if compare:
         check_chart_path(chart_path)  # before the evaluation, not after it
-    config_class, load_data, _ = task_parts(task)
-    cfg = task_config(task, config_class, options)
     data_path = data_path or DEFAULT_DATA[task]
     data = load_data(data_path, limit if limit is not None else DEFAULT_LIMITS.get(task))
-    click.echo(f"eval {task}: {len(data)} examples from {data_path}", err=True)
-    reports = [evaluate_entry(task, e, data, cfg, backend_name, dtype) for e in entries]
+    # Progress starts once every input is checked, so a bad one is the only line on stderr.
+    reports = [
+        evaluate_entry(task, e, (data_path, data), cfg, backend_name, dtype) for e in entries
+    ]
     if compare:
         echo_comparison(task, [entry.label for entry in entries], reports, chart_path, as_json)
     elif as_json:

@@ -9,6 +9,10 @@ import click
 
 from mlxpost.backend import DTYPES
 from mlxpost.commands import json_safe
+from mlxpost.errors import UserError
+
+# The longest prompt mlxpost.parity's greedy check decodes from.
+GREEDY_PROMPT_TOKENS = 12
 
 
 @click.command()
@@ -59,12 +63,31 @@ def parity(model_path, adapter, dtype, seq_len, batch_size, greedy_tokens, seed,
     tolerance (see `mlxpost.parity` for how tolerances follow from rounding).
     """
     from mlxpost.adapters import load_adapter
-    from mlxpost.checkpoint import read_config
-    from mlxpost.parity import ParitySetup, format_table, run_parity
+    from mlxpost.checkpoint import max_positions, read_config
+    from mlxpost.parity import ParitySetup, default_seq_len, format_table, run_parity
 
-    read_config(model_path)  # bad input is reported before any backend is imported
+    for name, value in (("--batch-size", batch_size), ("--greedy-tokens", greedy_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if seed < 0:
+        raise UserError(f"--seed must be 0 or positive, got {seed}")
+    # Bad input is reported before any backend is imported.
     if adapter:
         load_adapter(adapter)
+    config = read_config(model_path, tokenizer=False)  # parity feeds random token ids
+    positions = max_positions(config)
+    if seq_len is not None and not 2 <= seq_len <= (positions or seq_len):
+        raise UserError(
+            f"--seq-len must be between 2 and the model's {positions} positions, got {seq_len}"
+        )
+    rows = seq_len or default_seq_len(config)
+    if batch_size > rows:
+        raise UserError(f"--batch-size {batch_size} exceeds the {rows} tokens per row")
+    if positions and GREEDY_PROMPT_TOKENS + greedy_tokens > positions:
+        raise UserError(
+            f"--greedy-tokens {greedy_tokens} runs past the model's {positions} positions "
+            f"(prompts of up to {GREEDY_PROMPT_TOKENS} tokens)"
+        )
     setup = ParitySetup(
         model=model_path,
         adapter=adapter,
