@@ -2,21 +2,24 @@
 
 JSON and JSON Lines are parsed here rather than by `datasets`: Arrow infers one
 type per column, so a malformed line or a row of the wrong type would surface
-as an Arrow error far from its cause. Parquet, CSV and `save_to_disk`
-directories go through `datasets`, which reads them faithfully.
+as an Arrow error far from its cause. Parquet is read with pyarrow and CSV with
+pandas, as `datasets` reads them but without its cache files and log lines;
+`save_to_disk` directories and cached Hub datasets go through `datasets`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 
+from mlxpost.checkpoint import first_line
 from mlxpost.errors import UserError
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
-# "org/name" with no file extension: a Hugging Face Hub dataset, tried only when
-# no local path of that name exists.
+# "org/name" with no file extension: a Hugging Face Hub dataset, looked up in the local
+# Hugging Face cache when no local path of that name exists.
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -52,12 +55,12 @@ def _load_file(path: str) -> list[dict]:
             f"supported: {', '.join(SUPPORTED_EXTENSIONS)} files or a datasets save_to_disk directory"
         )
     if extension == ".parquet":
-        return _load_with_datasets(path, "parquet", "Parquet")
+        return _load_parquet(path)
     text = read_text(path)
     if extension == ".csv":
         if not text.strip():
             return []
-        return _load_with_datasets(path, "csv", "CSV")
+        return _load_csv(path)
     if extension == ".json":
         return _parse_json(path, text)
     return parse_jsonl(path, text)
@@ -134,19 +137,33 @@ def json_kind(value) -> str:
     return type(value).__name__
 
 
-def _load_with_datasets(path: str, builder: str, name: str) -> list[dict]:
-    import datasets
+def _load_parquet(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
 
     try:
-        dataset = datasets.load_dataset(builder, data_files=path, split="train")
-    except Exception as err:  # Arrow and pandas raise many types; all mean "unreadable"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable {name} file ({reason})") from None
-    return dataset.to_list()
+        table = pq.read_table(path)
+    except Exception as err:  # Arrow raises several types; all mean "unreadable"
+        reason = re.sub(r"^Could not open Parquet input source '.*?': ", "", first_line(err))
+        raise UserError(f"{path}: not a readable Parquet file ({reason})") from None
+    return table.to_pylist()
+
+
+def _load_csv(path: str) -> list[dict]:
+    """Rows as `datasets`' CSV builder reads them: pandas' parser, then Arrow (empty -> None)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(pd.read_csv(path), preserve_index=False)
+    except Exception as err:  # pandas' ParserError names the row; Arrow's errors the column
+        raise UserError(f"{path}: not a readable CSV file ({first_line(err)})") from None
+    return table.to_pylist()
 
 
 def _load_from_disk(path: str, split: str | None) -> list[dict]:
     import datasets
+
+    datasets.disable_progress_bars()  # stderr carries mlxpost's own progress and errors
 
     is_dict = os.path.isfile(os.path.join(path, "dataset_dict.json"))
     if not is_dict and not os.path.isfile(os.path.join(path, "dataset_info.json")):
@@ -157,7 +174,9 @@ def _load_from_disk(path: str, split: str | None) -> list[dict]:
     try:
         dataset = datasets.load_from_disk(path)
     except Exception as err:
-        raise UserError(f"{path}: cannot read this save_to_disk directory ({err})") from None
+        raise UserError(
+            f"{path}: cannot read this save_to_disk directory ({first_line(err)})"
+        ) from None
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[_pick_split(path, list(dataset), split)]
     return dataset.to_list()
@@ -176,21 +195,76 @@ def _pick_split(path: str, splits: list[str], split: str | None) -> str:
 
 
 def _load_from_hub(path: str, split: str | None) -> list[dict]:
+    """A Hub dataset from the local Hugging Face cache only: a downloaded snapshot of the
+    repository, or the Arrow cache an earlier `datasets.load_dataset` left. Nothing is
+    downloaded, so a name in neither place fails at once."""
+    snapshot, arrow_cache = _hub_snapshot(path), _arrow_cache(path)
+    if snapshot is None and arrow_cache is None:
+        raise UserError(
+            f"{path}: not found: no such local file or directory, and no dataset of that name "
+            f"in the local Hugging Face cache; pass a local file "
+            f"({', '.join(SUPPORTED_EXTENSIONS)}) or a save_to_disk directory"
+        )
     import datasets
 
+    datasets.disable_progress_bars()
     try:
-        dataset = datasets.load_dataset(path, split=split or "train")
-    except (ConnectionError, TimeoutError) as err:
-        # datasets raises ConnectionError both offline and with HF_HUB_OFFLINE=1.
-        raise UserError(
-            f"{path}: no such local file or directory, and the Hugging Face Hub is unreachable "
-            f"({err}); pass a local file ({', '.join(SUPPORTED_EXTENSIONS)}) "
-            "or a save_to_disk directory"
-        ) from None
+        if snapshot is not None:  # the repository's files, read as a local directory
+            dataset = datasets.load_dataset(snapshot, split=split or "train")
+        else:
+            with _hub_offline():
+                dataset = datasets.load_dataset(path, split=split or "train")
     except Exception as err:
         raise UserError(
-            f"{path}: no such local file or directory, and loading it from the Hugging Face Hub "
-            f"failed ({type(err).__name__}: {err}); pass a local file "
-            f"({', '.join(SUPPORTED_EXTENSIONS)}) or a save_to_disk directory"
+            f"{path}: cannot read it from the local Hugging Face cache "
+            f"({snapshot or arrow_cache}): {first_line(err)}"
         ) from None
     return dataset.to_list()
+
+
+def _hub_snapshot(name: str) -> str | None:
+    """The newest downloaded snapshot of Hub dataset `name` (the `main` ref if recorded)."""
+    from huggingface_hub import constants
+
+    repo = os.path.join(constants.HF_HUB_CACHE, "datasets--" + name.replace("/", "--"))
+    snapshots = os.path.join(repo, "snapshots")
+    if not os.path.isdir(snapshots):
+        return None
+    ref = os.path.join(repo, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref, encoding="utf-8") as f:
+            main = os.path.join(snapshots, f.read().strip())
+        if os.path.isdir(main):
+            return main
+    found = [os.path.join(snapshots, d) for d in os.listdir(snapshots)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def _arrow_cache(name: str) -> str | None:
+    """`datasets`' own cache of Hub dataset `name` (org___name, the name in snake case)."""
+    from huggingface_hub import constants
+
+    root = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+    org, _, dataset = name.partition("/")
+    if not os.path.isdir(root):
+        return None
+    key = dataset.replace("_", "").lower()
+    for entry in os.listdir(root):
+        cached_org, _, cached = entry.partition("___")
+        if cached_org == org and cached.replace("_", "").lower() == key:
+            return os.path.join(root, entry)
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """`datasets` in offline mode: it reads its cache instead of asking the Hub."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
