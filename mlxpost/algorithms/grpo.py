@@ -31,6 +31,7 @@ from functools import partial
 import numpy as np
 
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
+from mlxpost.batching import split_batch
 from mlxpost.config import option
 from mlxpost.errors import UserError
 from mlxpost.functional import kl_estimate, masked_mean, masked_sum, token_entropy, token_logprobs
@@ -144,10 +145,12 @@ class GRPO(Algorithm):
 
     def microbatches(self, batch: dict) -> tuple[list[dict], list[float]]:
         cfg = self.cfg
-        rows = batch["input_ids"].shape[0]
-        count = min(cfg.grad_accum, rows)
-        edges = np.linspace(0, rows, count + 1).astype(int)
-        parts = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(edges[:-1], edges[1:])]
+        # grpo: parts weigh by their sequences (a mean over all sequences); the others add up
+        # token sums already divided by their normaliser, so parts weigh equally.
+        parts, weights = split_batch(batch, cfg.grad_accum, weigh="rows")
+        count = len(parts)
+        if cfg.aggregation != "grpo":
+            weights = [1.0] * count
         total_tokens = float(batch["loss_mask"].sum())
         for part in parts:
             if cfg.aggregation == "bnpo":
@@ -159,13 +162,6 @@ class GRPO(Algorithm):
             else:  # dr_grpo: a constant, so long and short completions weigh per token alike
                 normaliser = part["input_ids"].shape[0] * cfg.max_new_tokens
             part["normaliser"] = np.float32(max(normaliser, 1.0))
-        # grpo: parts weigh by their sequences (a mean over all sequences); the others add up
-        # token sums already divided by their normaliser, so parts weigh equally.
-        weights = (
-            [float(p["input_ids"].shape[0]) for p in parts]
-            if cfg.aggregation == "grpo"
-            else [1.0] * count
-        )
         return parts, weights
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -23,6 +23,7 @@ from functools import partial
 import numpy as np
 
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
+from mlxpost.batching import split_indices
 from mlxpost.config import option
 from mlxpost.functional import kl_estimate, masked_mean, token_entropy, token_logprobs
 from mlxpost.loop import Algorithm, Session
@@ -191,7 +192,7 @@ class PPO(Algorithm):
         rows = rollout.input_ids.shape[0]
         for epoch in range(cfg.ppo_epochs):
             order = np.random.default_rng([cfg.seed, step, epoch]).permutation(rows)
-            for part in np.array_split(order, min(cfg.minibatches, rows)):
+            for part in split_indices(order, cfg.minibatches):
                 minibatch = {k: v[part] for k, v in buffer.items()}
                 history.append(
                     backend.train_step(model, session.optimizer, self.loss_fn, [minibatch])

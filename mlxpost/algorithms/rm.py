@@ -32,6 +32,7 @@ import numpy as np
 
 from mlxpost import assets
 from mlxpost.algorithms.supervised import Batches, check_lengths, collate
+from mlxpost.batching import split_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
 from mlxpost.functional import last_token_index
@@ -97,11 +98,6 @@ def collate_pairs(pairs, pad_id: int, margins=None) -> dict[str, np.ndarray]:
         np.zeros(len(pairs), np.float32) if margins is None else np.asarray(margins, np.float32)
     )
     return batch
-
-
-def pair_chunks(indices: np.ndarray, count: int) -> list[np.ndarray]:
-    """`indices` split into `count` consecutive microbatches (the last ones may be smaller)."""
-    return [chunk for chunk in np.array_split(np.asarray(indices), count) if len(chunk)]
 
 
 # ---- the math ----
@@ -243,7 +239,7 @@ def pair_step(session: Session, loss_fn, batches, step: int, make_batch) -> dict
     """One optimizer step over the step's examples, split into --grad-accum chunks that
     weigh by their size, so the loss is a mean over every example (RM and DPO)."""
     cfg = session.cfg
-    chunks = pair_chunks(batches.indices(step), cfg.grad_accum)
+    chunks = split_indices(batches.indices(step), cfg.grad_accum)
     parts = [make_batch(chunk) for chunk in chunks]
     session.backend.seed(cfg.seed + step)  # LoRA dropout draws
     weights = [float(len(chunk)) for chunk in chunks]

@@ -13,6 +13,7 @@ import numpy as np
 
 from mlxpost import assets
 from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
+from mlxpost.batching import step_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import load_examples
 from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
@@ -95,20 +96,10 @@ class Rollouts:
             f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names)}"
         )
 
-    def prompt_indices(self, step: int) -> np.ndarray:
-        count, size = len(self.examples), self.cfg.batch_size
-        positions = np.arange(step * size, (step + 1) * size)
-        epochs, offsets = np.divmod(positions, count)
-        orders = {
-            int(e): np.random.default_rng([self.cfg.seed, int(e)]).permutation(count)
-            for e in np.unique(epochs)
-        }
-        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
-
     def sample(self, step: int) -> RolloutBatch:
         session, cfg = self.session, self.cfg
         info = session.info
-        chosen = self.prompt_indices(step)
+        chosen = step_indices(cfg.seed, step, cfg.batch_size, len(self.examples))
         sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,

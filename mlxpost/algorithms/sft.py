@@ -20,11 +20,10 @@ from mlxpost.algorithms.supervised import (
     held_out,
     load_tokenized,
     nll_and_kl_loss,
-    split_microbatches,
 )
+from mlxpost.batching import split_batch
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
-from mlxpost.errors import UserError
 from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
 from mlxpost.loop import Algorithm, Session
 
@@ -80,7 +79,7 @@ class SFT(Algorithm):
 
     def __init__(self, session: Session, cfg: SFTConfig):
         self.session, self.cfg = session, cfg
-        backend, model, info = session.backend, session.model, session.info
+        info = session.info  # the data first: bad data fails before the model loads
         data = cfg.data or assets.default_data(self.command)
         eval_data = cfg.eval_data or (
             assets.default_data(f"{self.command}-eval") if not cfg.data else None
@@ -92,10 +91,12 @@ class SFT(Algorithm):
             completion_only=cfg.completion_only,
             seed=cfg.seed,
         )
-        self.train_examples = load_tokenized(data, "sft", info.tokenizer, tokenize, session.say)
+        self.train_examples = load_tokenized(
+            data, self.command, info.tokenizer, tokenize, session.say
+        )
         self.eval_examples = (
             load_tokenized(
-                eval_data, "sft", info.tokenizer, tokenize, session.say, limit=cfg.eval_limit
+                eval_data, self.command, info.tokenizer, tokenize, session.say, limit=cfg.eval_limit
             )
             if eval_data
             else []
@@ -122,6 +123,7 @@ class SFT(Algorithm):
         )
         self.batches = Batches(self.train_examples, cfg.batch_size, cfg.seed, info.pad_id)
 
+        backend, model = session.backend, session.model
         if cfg.reference:
             backend.attach_frozen(model, "reference", backend.load_model(cfg.reference, cfg.dtype))
         elif not cfg.lora and cfg.kl_beta > 0:
@@ -133,8 +135,6 @@ class SFT(Algorithm):
         self.loss_fn = self.make_loss()
         self.eval_loss_fn = partial(nll_and_kl_loss, measure_kl=self.has_reference)
         self.text_loss_fn = partial(nll_and_kl_loss)
-        if cfg.kl_beta < 0:
-            raise UserError(f"--kl-beta must be >= 0, got {cfg.kl_beta}")
 
     def make_loss(self):
         return partial(nll_and_kl_loss, kl_beta=self.cfg.kl_beta)
@@ -142,7 +142,7 @@ class SFT(Algorithm):
     def train_step(self, step: int) -> dict[str, float]:
         session = self.session
         batch = self.batches.batch(step)
-        parts, weights = split_microbatches(batch, self.cfg.grad_accum)
+        parts, weights = split_batch(batch, self.cfg.grad_accum)
         session.backend.seed(self.cfg.seed + step)  # LoRA dropout draws
         metrics = session.backend.train_step(
             session.model, session.optimizer, self.loss_fn, parts, weights

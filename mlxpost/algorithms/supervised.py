@@ -1,8 +1,7 @@
 """Supervised data on the training loop: tokenised examples, seeded batches, held-out figures.
 
-Shared by SFT and distillation. Batches are drawn from a per-epoch permutation
-seeded by (seed, epoch), so the batch of step s is a pure function of s and a
-resumed run sees exactly the data an uninterrupted one would.
+Shared by SFT and distillation (and, for `Batches` and `collate`, by RM and
+DPO). Which examples make a step's batch is mlxpost.batching's.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlxpost.batching import step_indices
 from mlxpost.data import TokenizeConfig, apply_filters, load_examples, tokenize_examples
 from mlxpost.errors import UserError
 from mlxpost.functional import masked_mean, token_kl, token_logprobs
@@ -80,29 +80,11 @@ class Batches:
     seed: int
     pad_id: int
 
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
     def indices(self, step: int) -> np.ndarray:
-        count = len(self.examples)
-        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, offsets = np.divmod(positions, count)
-        orders = {int(e): self.order(int(e)) for e in np.unique(epochs)}
-        return np.array([orders[int(e)][o] for e, o in zip(epochs, offsets)])
+        return step_indices(self.seed, step, self.batch_size, len(self.examples))
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         return collate([self.examples[i] for i in self.indices(step)], self.pad_id)
-
-
-def split_microbatches(batch: dict, count: int) -> tuple[list[dict], list[float]]:
-    """`count` row slices, weighted by their loss tokens so accumulation equals the whole batch."""
-    rows = batch["input_ids"].shape[0]
-    edges = np.linspace(0, rows, count + 1).astype(int)
-    parts = [{k: v[a:b] for k, v in batch.items()} for a, b in zip(edges[:-1], edges[1:])]
-    weights = [float(part["loss_mask"].sum()) for part in parts]
-    if sum(weights) == 0:
-        weights = [1.0] * count
-    return parts, weights
 
 
 def nll_and_kl_loss(ops, forward, batch, kl_beta: float = 0.0, measure_kl: bool = False):

@@ -22,8 +22,9 @@ from .plan import (
 
 
 def worker_sft_mlxpost(spec: dict) -> dict:
-    from mlxpost.algorithms.supervised import nll_and_kl_loss, split_microbatches
+    from mlxpost.algorithms.supervised import nll_and_kl_loss
     from mlxpost.backend import LoraConfig, OptimConfig, get_backend
+    from mlxpost.batching import split_batch
     from mlxpost.functional import prediction_mask
     from mlxpost.tokenizer import load_tokenizer
 
@@ -52,7 +53,7 @@ def worker_sft_mlxpost(spec: dict) -> dict:
             "loss_mask": prediction_mask(mask).astype(np.float32),
         }
         steps.begin()
-        parts, weights = split_microbatches(batch, 1)
+        parts, weights = split_batch(batch, 1)
         backend.seed(seed + step)
         metrics = backend.train_step(model, optimizer, loss_fn, parts, weights)  # host floats
         steps.end()
