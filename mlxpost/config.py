@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import click
 import yaml
 
+from mlxpost.backend import LoraConfig, OptimConfig
 from mlxpost.errors import UserError
 
 BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -157,6 +158,21 @@ class TrainConfig:
             tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
             if self.lora_targets
             else None
+        )
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(
+            self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_target_list()
+        )
+
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm or None,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
 
 

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from mlxpost import assets
-from mlxpost.backend import Backend, LoraConfig, OptimConfig, get_backend
+from mlxpost.backend import Backend, get_backend
 from mlxpost.checkpoint import max_positions, read_config
 from mlxpost.config import TrainConfig, default_output, to_dict
 from mlxpost.errors import Interrupted, NonFiniteError, UserError
@@ -57,59 +57,68 @@ class Algorithm:
         """Files besides the model that users of a checkpoint need (none by default)."""
 
 
-@dataclass
 class Session:
-    """What an algorithm trains with: the resolved config, backend, model and run directory."""
+    """What an algorithm trains with: the resolved config, tokenizer, run directory and, on
+    first use, the backend, model and optimizer.
 
-    command: str
-    cfg: TrainConfig
-    backend: Backend
-    model: Any
-    info: TokenizerInfo
-    optimizer: Any
-    run: RunDir
-    start_step: int = 0
+    The model loads when an algorithm first asks for it, so an algorithm that reads its
+    data first reports bad data before a framework is imported or a model loaded."""
+
+    def __init__(
+        self,
+        command: str,
+        cfg: TrainConfig,
+        info: TokenizerInfo,
+        run: RunDir,
+        scalar_head: bool = False,
+    ):
+        self.command, self.cfg, self.info, self.run = command, cfg, info, run
+        self.scalar_head = scalar_head
 
     def say(self, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
+    @cached_property
+    def backend(self) -> Backend:
+        backend = get_backend(self.cfg.backend)
+        backend.seed(self.cfg.seed)
+        return backend
+
+    @cached_property
+    def model(self) -> Any:
+        """The model, with the scalar head and the LoRA adapter the config asks for."""
+        cfg, backend = self.cfg, self.backend
+        model = backend.load_model(cfg.model, cfg.dtype)
+        if self.scalar_head:
+            backend.attach_scalar_head(model, seed=cfg.seed)
+        if cfg.lora:
+            backend.attach_lora(model, cfg.lora_config(), seed=cfg.seed)
+        trainable, total = backend.parameter_count(model)
+        mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full fine-tuning"
+        self.say(
+            f"{self.command}: {backend.describe()}, {mode}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        )
+        return model
+
+    @cached_property
+    def optimizer(self) -> Any:
+        return self.backend.make_optimizer(self.model, self.cfg.optim_config())
+
+    def load(self) -> None:
+        """Load the model and make the optimizer now, if the algorithm has not needed them yet."""
+        self.optimizer  # noqa: B018  (a cached property: reading it loads)
+
 
 def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
-    """Validate input, create (or reopen) the run directory, load and prepare the model."""
+    """Validate the model directory and --output and load the tokenizer; nothing is written
+    and no framework is imported yet (see Session)."""
     cfg.model = cfg.model or assets.default_model()
     cfg.output = cfg.output or default_output(command)
     limit = max_positions(read_config(cfg.model))  # bad input fails before a backend is imported
     if limit and cfg.max_length > limit:
         cfg.max_length = limit  # the model cannot see further
     run = RunDir(cfg.output, cfg.resume)  # checks only: nothing is written before `train`
-
-    backend = get_backend(cfg.backend)
-    backend.seed(cfg.seed)
-    model = backend.load_model(cfg.model, cfg.dtype)
-    if scalar_head:
-        backend.attach_scalar_head(model, seed=cfg.seed)
-    if cfg.lora:
-        lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_list())
-        backend.attach_lora(model, lora, seed=cfg.seed)
-    optimizer = backend.make_optimizer(
-        model,
-        OptimConfig(
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm or None,
-            warmup_steps=cfg.warmup_steps,
-            total_steps=cfg.steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-        ),
-    )
-    session = Session(command, cfg, backend, model, load_tokenizer(cfg.model), optimizer, run)
-    trainable, total = backend.parameter_count(model)
-    mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full fine-tuning"
-    session.say(
-        f"{command}: {backend.describe()}, {mode}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
-    )
-    session.say(f"run directory: {cfg.output}")
-    return session
+    return Session(command, cfg, load_tokenizer(cfg.model), run, scalar_head)
 
 
 def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bool = False) -> str:
@@ -195,7 +204,9 @@ def train(session: Session, algorithm: Algorithm) -> dict:
         raise UserError(
             f"{cfg.output}: already trained for {start} steps; raise --steps to continue"
         )
+    session.load()
     run.open({"command": session.command, **to_dict(cfg)})
+    session.say(f"run directory: {cfg.output}")
     if cfg.resume:
         run.truncate_metrics(start)  # rows past the checkpoint are logged again
         if start is None:

@@ -71,16 +71,11 @@ class Distill(SFT):
     def __init__(self, session: Session, cfg: DistillConfig):
         if cfg.teacher:
             check_same_tokenizer(session.cfg.model, cfg.teacher)
-            if not 0.0 < cfg.jsd_beta < 1.0:
-                raise UserError(f"--jsd-beta must be in (0, 1), got {cfg.jsd_beta}")
-            if cfg.distill_temperature <= 0:
-                raise UserError(
-                    f"--distill-temperature must be positive, got {cfg.distill_temperature}"
-                )
+        super().__init__(session, cfg)  # the data, then the student
+        if cfg.teacher:
             session.backend.attach_frozen(
                 session.model, "teacher", session.backend.load_model(cfg.teacher, cfg.dtype)
             )
-        super().__init__(session, cfg)
 
     def make_loss(self):
         cfg = self.cfg

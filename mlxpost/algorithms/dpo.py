@@ -341,7 +341,7 @@ class DPO(Algorithm):
 
     def __init__(self, session: Session, cfg: DPOConfig):
         self.session, self.cfg = session, cfg
-        backend, model, info = session.backend, session.model, session.info
+        info = session.info  # the data first: bad data fails before the model loads
         self.kto = cfg.loss == "kto"
         data = cfg.data or assets.default_data(self.command)
         eval_data = cfg.eval_data or (
@@ -378,6 +378,7 @@ class DPO(Algorithm):
                 self.eval_kl_rows = mismatched_rows(self.eval_rows, cfg.seed, cfg.max_length)
 
         # The reference: a separate checkpoint, the base checkpoint (--full), or the adapter off.
+        backend, model = session.backend, session.model
         reference = None
         if cfg.reference:
             reference = backend.load_model(cfg.reference, cfg.dtype)
