@@ -400,15 +400,27 @@ def test_parquet_csv_and_save_to_disk(tmp_path):
         load_records(tmp_path / "dict", split="dev")
 
 
-def test_hub_name_offline_says_so(monkeypatch):
+def test_hub_names_come_from_the_local_cache_only(monkeypatch, tmp_path):
     import datasets
+    from huggingface_hub import constants
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'org/name' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError, match="Hugging Face Hub is unreachable.*pass a local file"):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a Hub name must not be looked up on the network")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    with pytest.raises(UserError, match="no dataset of that name in the local Hugging Face cache"):
         load_records("org/name")
+    snapshot = tmp_path / "hub" / "datasets--org--name" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    write_jsonl(snapshot / "train.jsonl", [{"text": "cached"}])
+    monkeypatch.undo()  # datasets reads the snapshot itself
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "home"))
+    assert load_records("org/name") == [{"text": "cached"}]
 
 
 # --- tokenisation -----------------------------------------------------------
@@ -674,7 +686,9 @@ def bad_inputs(tmp_path):
     unknown.write_text("x")
     cases.append((unknown, "sft", ["unsupported file type '.xlsx'", ".parquet"]))
     cases.append((tmp_path / "missing.jsonl", "sft", ["missing.jsonl: not found"]))
-    cases.append(("someorg/somedata", "sft", ["Hugging Face Hub is unreachable", "local file"]))
+    cases.append(
+        ("someorg/somedata", "sft", ["no dataset of that name in the local Hugging Face cache"])
+    )
     return cases
 
 
