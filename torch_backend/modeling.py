@@ -128,4 +128,6 @@ def model_hidden_size(model: TorchModel) -> int:
 
 
 def to_numpy_params(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {n: p.detach().float().cpu().numpy() for n, p in params.items()}
+    """float32 numpy snapshots: copies, never views of the live CPU tensors (an optimizer
+    step must not change an array already returned)."""
+    return {n: p.detach().to("cpu", torch.float32, copy=True).numpy() for n, p in params.items()}
