@@ -140,6 +140,8 @@ def load_adapter(directory: str) -> tuple[LoraConfig, dict[str, np.ndarray]]:
                 f"{weights_path}: {key} has shape {tuple(value.shape)}, expected rank "
                 f"r={cfg.rank} from {CONFIG_FILE}: {side} (per-module ranks are not supported)"
             )
+        if not np.all(np.isfinite(value)):
+            raise AdapterError(f"{weights_path}: {key} holds NaN or inf; the adapter is unusable")
         weights[f"{module}.lora_{part}.weight"] = value.astype(np.float32)
     for name in weights:
         module = name.rpartition(".lora_")[0]

@@ -28,10 +28,21 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a bad option value or name: one line, not a usage box
+            fail(f"{err.format_message()} (see {command_path(err.ctx)} --help)", err.exit_code)
         except MlxpostError as err:
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+
+
+def command_path(ctx: click.Context | None) -> str:
+    """`mlxpost data check` for a context, however the program was started."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["mlxpost", *reversed(names)])
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -270,6 +270,8 @@ def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | Non
             given[name] = values[name]
     merged = {name: values[name] for name in names}
     if given.get("resume"):
+        # What the run used: its config.yaml, and the defaults for anything it does not list.
+        merged = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
         merged.update(saved_options(config_cls, given.get("output"), command, names))
         changed = sorted(
             name

@@ -118,6 +118,11 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
     if limit and cfg.max_length > limit:
         cfg.max_length = limit  # the model cannot see further
     run = RunDir(cfg.output, cfg.resume)  # checks only: nothing is written before `train`
+    latest = run.latest_checkpoint() if cfg.resume else None
+    if latest is not None and latest[0] >= cfg.steps:
+        raise UserError(
+            f"{cfg.output}: already trained for {latest[0]} steps; raise --steps to continue"
+        )
     return Session(command, cfg, load_tokenizer(cfg.model), run, scalar_head)
 
 
@@ -200,10 +205,6 @@ def train(session: Session, algorithm: Algorithm) -> dict:
     can start again."""
     cfg, run = session.cfg, session.run
     start = restore(session) if cfg.resume else None
-    if start is not None and start >= cfg.steps:
-        raise UserError(
-            f"{cfg.output}: already trained for {start} steps; raise --steps to continue"
-        )
     session.load()
     run.open({"command": session.command, **to_dict(cfg)})
     session.say(f"run directory: {cfg.output}")

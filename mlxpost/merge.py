@@ -210,6 +210,13 @@ def _load_lora(adapter_dir: str):
     return cfg, modules
 
 
+def require_finite(value: np.ndarray, key: str, source: str) -> np.ndarray:
+    """Refuse to write a tensor holding NaN or inf (nothing is written: the output is staged)."""
+    if not np.all(np.isfinite(value)):
+        raise UserError(f"{source}: {key} would hold NaN or inf; nothing written")
+    return value
+
+
 def _checkpoint_key(module: str, arch: str, shapes: dict) -> str | None:
     """The checkpoint's weight key for an adapter module path, in either key layout."""
     prefix = BODY_PREFIXES[arch]
@@ -256,7 +263,7 @@ def _fold(
                 for factor, a, b, transpose in updates[key]:
                     delta = factor * (b.astype(np.float64) @ a.astype(np.float64))
                     value += delta.T if transpose else delta
-                tensor = io.from_numpy(value, like=tensor)
+                tensor = io.from_numpy(require_finite(value, key, model_dir), like=tensor)
             tensors[key] = tensor
         io.save(tensors, os.path.join(tmp, MERGED_FILE))
         _copy_non_weight_files(model_dir, tmp)
@@ -401,7 +408,7 @@ def _checkpoint_soup(
             tensor = checkpoints[0].get(key)
             if io.is_float(tensor):
                 total = sum(w * io.to_numpy(c.get(key)) for w, c in zip(weights, checkpoints))
-                tensor = io.from_numpy(total, like=tensor)
+                tensor = io.from_numpy(require_finite(total, key, ", ".join(inputs)), like=tensor)
             tensors[key] = tensor  # integer buffers are taken from the first checkpoint
         io.save(tensors, os.path.join(tmp, MERGED_FILE))
         _copy_non_weight_files(first, tmp)

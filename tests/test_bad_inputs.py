@@ -20,9 +20,12 @@ A case is one `Case(...)` in CASES:
         message,   # a substring the error line must contain (placeholders filled too)
         setup=..., # optional callable(work: Path) creating or corrupting files in {work};
                    #   helpers below: model_dir, adapter_dir, write, write_jsonl
-        code=2,    # expected exit status
+        code=2,    # expected exit status (3: training stopped on NaN or inf)
         seconds=,  # optional: the run must end within this (e.g. no network retries)
         xfail=,    # optional reason: a known gap, fixed outside the files under test
+        progress=, # True: progress lines (model loaded, a reward's own traceback) may come
+                   #   first; the error is then the last line and the only `error:` one
+        absent=,   # paths under {work} that must not exist afterwards (no stale run)
     )
 
 Most cases fail before a backend is imported (about half a second each); those that need
@@ -61,6 +64,8 @@ class Case:
     code: int = 2
     seconds: float | None = None
     xfail: str | None = None
+    progress: bool = False
+    absent: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- file helpers
@@ -905,7 +910,7 @@ DATA_CASES = [
         "distill --backend mlx --data {work}/d.jsonl --steps 1 --output {work}/run",
         "missing column(s) for distill",
         setup=lambda w: write_jsonl(w / "d.jsonl", [{"foo": "bar"}]),
-        xfail="SFT reads data as 'sft' (mlxpost/algorithms/sft.py) and after loading the model",
+        absent=("run",),
     ),
     Case(
         "sft-invalid-yaml",
@@ -1076,6 +1081,421 @@ PARITY_CASES = [
     ),
 ]
 
+
+# --------------------------------------------------------------------------- training
+
+
+def run_dir(work: Path, command: str = "sft", checkpoint: dict | None = None, **options):
+    """{work}/run as a run of `command` leaves it: config.yaml (the options that differ from
+    the defaults) and checkpoints/, with checkpoints/step-2/ holding `checkpoint`'s files."""
+    import yaml
+
+    values = {"command": command, "backend": "mlx", "steps": 4, "batch_size": 2}
+    values.update(output=str(work / "run"), eval_limit=4, **options)
+    if command == "sft":
+        values.update(eval_math=0, eval_text=0)
+    write(work / "run" / "config.yaml", yaml.safe_dump(values))
+    (work / "run" / "checkpoints").mkdir()
+    for name, content in (checkpoint or {}).items():
+        write(work / "run" / "checkpoints" / "step-2" / name, content)
+
+
+def npz(**arrays) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+STATE = json.dumps({"step": 2, "optimizer_step": 2})
+RUN = "--output {work}/run"
+RESUME = "--resume --output {work}/run"
+# One step of GRPO on the bundled model, as small as it gets, scored by {work}/r.py's `bad`.
+GRPO_ONE_STEP = (
+    "grpo --backend mlx --steps 1 --batch-size 1 --num-generations 2 --max-new-tokens 4 "
+    "--eval-math 0 --rewards {work}/r.py:bad " + RUN
+)
+PPO_ONE_STEP = GRPO_ONE_STEP.replace("grpo ", "ppo ", 1)
+
+
+def reward_file(body: str):
+    return lambda w: write(w / "r.py", "def bad(prompts, completions, **columns):\n" + body)
+
+
+TRAINING_CASES = [
+    # option values, checked by the config dataclass before anything loads
+    Case(
+        "sft-learning-rate-negative",
+        f"sft --learning-rate -1 {RUN}",
+        "--learning-rate must be > 0, got -1.0",
+        absent=("run",),
+    ),
+    Case(
+        "sft-learning-rate-not-a-number",
+        f"sft --learning-rate abc {RUN}",
+        "Invalid value for '--learning-rate': 'abc' is not a valid float",
+    ),
+    Case("sft-unknown-option", f"sft --bogus 1 {RUN}", "No such option '--bogus'"),
+    Case("unknown-command", "nosuch", "No such command 'nosuch'"),
+    Case("sft-lora-rank-zero", f"sft --lora-rank 0 {RUN}", "--lora-rank must be >= 1, got 0"),
+    Case("sft-lora-rank-negative", f"sft --lora-rank -4 {RUN}", "--lora-rank must be >= 1, got -4"),
+    Case("sft-lora-alpha-zero", f"sft --lora-alpha 0 {RUN}", "--lora-alpha must be > 0"),
+    Case(
+        "sft-lora-dropout-one",
+        f"sft --lora-dropout 1 {RUN}",
+        "--lora-dropout must be >= 0 and < 1, got 1.0",
+    ),
+    Case("sft-steps-zero", f"sft --steps 0 {RUN}", "--steps must be >= 1, got 0"),
+    Case("sft-batch-size-zero", f"sft --batch-size 0 {RUN}", "--batch-size must be >= 1, got 0"),
+    Case(
+        "sft-grad-accum-not-a-divisor",
+        f"sft --batch-size 16 --grad-accum 3 {RUN}",
+        "--batch-size 16 is not a multiple of --grad-accum 3",
+    ),
+    Case("sft-warmup-negative", f"sft --warmup-steps -1 {RUN}", "--warmup-steps must be >= 0"),
+    Case(
+        "sft-min-lr-ratio-above-one",
+        f"sft --min-lr-ratio 2 {RUN}",
+        "--min-lr-ratio must be >= 0 and <= 1, got 2.0",
+    ),
+    Case(
+        "sft-max-grad-norm-negative",
+        f"sft --max-grad-norm -1 {RUN}",
+        "--max-grad-norm must be >= 0",
+    ),
+    Case(
+        "sft-weight-decay-negative", f"sft --weight-decay -0.1 {RUN}", "--weight-decay must be >= 0"
+    ),
+    Case("sft-seed-negative", f"sft --seed -1 {RUN}", "--seed must be >= 0, got -1"),
+    Case("sft-max-length-one", f"sft --max-length 1 {RUN}", "--max-length must be >= 2"),
+    Case("sft-eval-every-negative", f"sft --eval-every -1 {RUN}", "--eval-every must be >= 0"),
+    Case("sft-kl-beta-negative", f"sft --kl-beta -0.1 {RUN}", "--kl-beta must be >= 0"),
+    Case(
+        "sft-max-nonfinite-steps-zero",
+        f"sft --max-nonfinite-steps 0 {RUN}",
+        "--max-nonfinite-steps must be >= 1",
+    ),
+    Case("sft-dtype-unknown", f"sft --dtype float8 {RUN}", "Invalid value for '--dtype'"),
+    Case("sft-backend-unknown", f"sft --backend jax {RUN}", "Invalid value for '--backend'"),
+    Case(
+        "grpo-max-new-tokens-zero",
+        f"grpo --max-new-tokens 0 {RUN}",
+        "--max-new-tokens must be >= 1, got 0",
+    ),
+    Case(
+        "grpo-temperature-negative",
+        f"grpo --temperature -1 {RUN}",
+        "--temperature must be >= 0, got -1.0",
+    ),
+    Case("grpo-top-p-zero", f"grpo --top-p 0 {RUN}", "--top-p must be > 0 and <= 1, got 0.0"),
+    Case("grpo-top-k-negative", f"grpo --top-k -1 {RUN}", "--top-k must be >= 0"),
+    Case(
+        "grpo-num-generations-one",
+        f"grpo --num-generations 1 {RUN}",
+        "--num-generations must be at least 2 for group advantages",
+    ),
+    Case("grpo-clip-low-one", f"grpo --clip-low 1 {RUN}", "--clip-low must be >= 0 and < 1"),
+    Case("grpo-ppo-epochs-zero", f"grpo --ppo-epochs 0 {RUN}", "--ppo-epochs must be >= 1"),
+    Case(
+        "grpo-reward-failure-share-zero",
+        f"grpo --reward-failure-share 0 {RUN}",
+        "--reward-failure-share must be > 0 and <= 1",
+    ),
+    Case("ppo-gamma-above-one", f"ppo --gamma 2 {RUN}", "--gamma must be >= 0 and <= 1"),
+    Case("ppo-lam-negative", f"ppo --lam -0.5 {RUN}", "--lam must be >= 0 and <= 1"),
+    Case("ppo-minibatches-zero", f"ppo --minibatches 0 {RUN}", "--minibatches must be >= 1"),
+    Case("ppo-batch-size-zero", f"ppo --batch-size 0 {RUN}", "--batch-size must be >= 1"),
+    Case("ppo-clip-range-zero", f"ppo --clip-range 0 {RUN}", "--clip-range must be > 0"),
+    Case("dpo-beta-zero", f"dpo --beta 0 {RUN}", "--beta must be > 0, got 0.0"),
+    Case(
+        "dpo-label-smoothing-half",
+        f"dpo --label-smoothing 0.5 {RUN}",
+        "--label-smoothing must be >= 0 and < 0.5",
+    ),
+    Case(
+        "dpo-nll-alpha-with-kto",
+        f"dpo --loss kto --nll-alpha 1 {RUN}",
+        "--nll-alpha applies to paired losses, not kto",
+    ),
+    Case(
+        "dpo-eval-batch-size-zero",
+        f"dpo --eval-batch-size 0 {RUN}",
+        "--eval-batch-size must be >= 1",
+    ),
+    Case("rm-centring-negative", f"rm --centring-coef -1 {RUN}", "--centring-coef must be >= 0"),
+    Case(
+        "distill-jsd-beta-one",
+        f"distill --jsd-beta 1 {RUN}",
+        "--jsd-beta must be > 0 and < 1, got 1.0",
+    ),
+    Case(
+        "distill-temperature-zero",
+        f"distill --distill-temperature 0 {RUN}",
+        "--distill-temperature must be > 0",
+    ),
+    # --output and --config
+    Case(
+        "sft-output-is-a-file",
+        "sft --output {work}/afile",
+        "--output {work}/afile: is a file, not a directory",
+        setup=lambda w: write(w / "afile", "mine\n"),
+    ),
+    Case(
+        "sft-output-holds-a-run",
+        f"sft {RUN}",
+        "already holds a run; pass --resume",
+        setup=lambda w: write(w / "run" / "metrics.jsonl", '{"step": 1}\n'),
+    ),
+    Case(
+        "sft-config-missing", f"sft --config {{work}}/c.yaml {RUN}", "c.yaml: config file not found"
+    ),
+    Case(
+        "sft-config-unknown-option",
+        f"sft --config {{work}}/c.yaml {RUN}",
+        "c.yaml: unknown option(s) bogus",
+        setup=lambda w: write(w / "c.yaml", "bogus: 1\n"),
+    ),
+    Case(
+        "sft-config-wrong-type",
+        f"sft --config {{work}}/c.yaml {RUN}",
+        "c.yaml: steps must be a int, got 'many'",
+        setup=lambda w: write(w / "c.yaml", "steps: many\n"),
+    ),
+    Case(
+        "sft-config-not-a-mapping",
+        f"sft --config {{work}}/c.yaml {RUN}",
+        "c.yaml: expected a mapping",
+        setup=lambda w: write(w / "c.yaml", "[1, 2]\n"),
+    ),
+    Case(
+        "sft-config-bad-choice",
+        f"sft --config {{work}}/c.yaml {RUN}",
+        "c.yaml: template must be one of fixed, random, got 'any'",
+        setup=lambda w: write(w / "c.yaml", "template: any\n"),
+    ),
+    Case(
+        "sft-config-value-out-of-bounds",
+        f"sft --config {{work}}/c.yaml {RUN}",
+        "--learning-rate must be > 0, got -0.001",
+        setup=lambda w: write(w / "c.yaml", "learning_rate: -1e-3\n"),
+    ),
+    Case(
+        "sft-data-missing",
+        f"sft --backend mlx --data {{work}}/none.jsonl {RUN}",
+        "none.jsonl: not found",
+        absent=("run",),
+    ),
+    Case(
+        "dpo-data-missing-column",
+        f"dpo --backend mlx --data {{work}}/d.jsonl {RUN}",
+        "missing column(s) for dpo",
+        absent=("run",),
+        setup=lambda w: write_jsonl(w / "d.jsonl", [{"prompt": "a", "chosen": "b"}]),
+    ),
+    # --resume: the run's own settings, and only what may change
+    Case(
+        "sft-resume-without-output",
+        "sft --resume",
+        "--resume needs --output: the run directory to continue",
+    ),
+    Case(
+        "sft-resume-nothing-there", RESUME.join(["sft ", ""]), "no run to resume (no config.yaml)"
+    ),
+    Case(
+        "sft-resume-changes-lora-rank",
+        f"sft --lora-rank 4 {RESUME}",
+        "--lora-rank 8 (given 4)",
+        setup=lambda w: run_dir(w, lora_rank=8),
+    ),
+    Case(
+        "sft-resume-full-on-a-lora-run",
+        f"sft --full {RESUME}",
+        "--lora True (given False)",
+        setup=lambda w: run_dir(w),
+    ),
+    Case(
+        "sft-resume-other-data",
+        f"sft --data {{work}}/other.jsonl {RESUME}",
+        "--data None (given '{work}/other.jsonl')",
+        setup=lambda w: run_dir(w),
+    ),
+    Case(
+        "sft-resume-other-model",
+        f"sft --model {{model}} {RESUME}",
+        "--model None (given '{model}')",
+        setup=lambda w: run_dir(w),
+    ),
+    Case(
+        "sft-resume-other-learning-rate",
+        f"sft --learning-rate 0.1 {RESUME}",
+        "--learning-rate 0.001 (given 0.1)",
+        setup=lambda w: run_dir(w, learning_rate=1e-3),
+    ),
+    Case(
+        "dpo-resume-an-sft-run",
+        f"dpo {RESUME}",
+        "holds a sft run, not dpo",
+        setup=lambda w: run_dir(w),
+    ),
+    Case(
+        "sft-resume-config-not-yaml",
+        f"sft {RESUME}",
+        "config.yaml: not valid YAML",
+        setup=lambda w: write(w / "run" / "config.yaml", "steps: [4,\n"),
+    ),
+    Case(
+        "sft-resume-config-wrong-type",
+        f"sft {RESUME}",
+        "config.yaml: steps must be a int",
+        setup=lambda w: run_dir(w, steps="four"),
+    ),
+    Case(
+        "sft-resume-already-trained",
+        f"sft {RESUME}",
+        "already trained for 4 steps; raise --steps to continue",
+        setup=lambda w: (run_dir(w), write(w / "run" / "final" / "state.json", '{"step": 4}')),
+    ),
+    Case(
+        "sft-resume-corrupt-checkpoint",
+        f"sft {RESUME}",
+        "checkpoints/step-2: checkpoint is unreadable (BadZipFile",
+        progress=True,
+        setup=lambda w: run_dir(
+            w,
+            checkpoint={
+                "state.json": STATE,
+                "trainable.npz": b"PK\x03\x04 cut",
+                "optimizer.npz": npz(),
+            },
+        ),
+    ),
+    Case(
+        "sft-resume-checkpoint-state-garbled",
+        f"sft {RESUME}",
+        "checkpoints/step-2: checkpoint is unreadable (KeyError",
+        progress=True,
+        setup=lambda w: run_dir(
+            w,
+            checkpoint={
+                "state.json": '{"step": 2}',
+                "trainable.npz": npz(),
+                "optimizer.npz": npz(),
+            },
+        ),
+    ),
+    Case(
+        "sft-resume-checkpoint-of-another-adapter",
+        f"sft {RESUME}",
+        "checkpoints/step-2: checkpoint does not match the run's model and adapter",
+        progress=True,
+        setup=lambda w: run_dir(
+            w,
+            checkpoint={
+                "state.json": STATE,
+                "trainable.npz": npz(x=np.zeros(2)),
+                "optimizer.npz": npz(),
+            },
+        ),
+    ),
+    # reward functions
+    Case(
+        "grpo-reward-weights-not-numbers",
+        f"grpo --reward-weights 1,x {RUN}",
+        "--reward-weights '1,x': expected comma-separated numbers",
+    ),
+    Case(
+        "grpo-reward-weights-count",
+        f"grpo --reward-weights 1 {RUN}",
+        "--reward-weights has 1 values for 2 rewards",
+    ),
+    Case("grpo-reward-weights-nan", f"grpo --reward-weights 1,nan {RUN}", "weights must be finite"),
+    Case("grpo-rewards-none", f"grpo --rewards , {RUN}", "--rewards names no reward function"),
+    Case("grpo-reward-unknown", f"grpo --rewards nope {RUN}", "unknown reward 'nope'"),
+    Case(
+        "grpo-reward-file-missing",
+        f"grpo --backend mlx --rewards {{work}}/r.py:bad {RUN}",
+        "r.py: reward file not found",
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-module-missing",
+        f"grpo --backend mlx --rewards no_such_module:f {RUN}",
+        "cannot import no_such_module",
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-function-missing",
+        f"grpo --backend mlx --rewards {{work}}/r.py:good {RUN}",
+        "r.py has no function good",
+        setup=reward_file("    return [0.0]\n"),
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-file-syntax-error",
+        f"grpo --backend mlx --rewards {{work}}/r.py:bad {RUN}",
+        "r.py, line 1: reward '{work}/r.py:bad' does not parse",
+        absent=("run",),
+        setup=lambda w: write(w / "r.py", "def bad(:\n"),
+    ),
+    Case(
+        "grpo-reward-file-raises-on-import",
+        f"grpo --backend mlx --rewards {{work}}/r.py:bad {RUN}",
+        "importing {work}/r.py raised ZeroDivisionError: division by zero at {work}/r.py, line 1",
+        absent=("run",),
+        setup=lambda w: write(w / "r.py", "1 / 0\n"),
+    ),
+    Case(
+        "grpo-reward-raises-everywhere",
+        GRPO_ONE_STEP,
+        "reward {work}/r.py:bad failed on 2 of 2 completions; first failing example 0",
+        setup=reward_file("    raise RuntimeError('no scorer')\n"),
+        progress=True,
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-nan-everywhere",
+        GRPO_ONE_STEP,
+        "(RewardFailure: returned nan)",
+        setup=reward_file("    return [float('nan')] * len(completions)\n"),
+        progress=True,
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-strings",
+        GRPO_ONE_STEP,
+        "returned <U4 values, not numbers",
+        setup=reward_file("    return ['good'] * len(completions)\n"),
+        progress=True,
+        absent=("run",),
+    ),
+    Case(
+        "grpo-reward-wrong-count",
+        GRPO_ONE_STEP,
+        "returned 2 values for 1 completions",
+        setup=reward_file("    return [0.0] * (len(completions) + 1)\n"),
+        progress=True,
+        absent=("run",),
+    ),
+    Case(
+        "ppo-reward-raises-everywhere",
+        PPO_ONE_STEP,
+        "reward {work}/r.py:bad failed on 2 of 2 completions",
+        setup=reward_file("    raise KeyError('answer')\n"),
+        progress=True,
+        absent=("run",),
+    ),
+    # NaN or inf in training: exit 3, no non-finite checkpoint (the newest stays finite)
+    Case(
+        "sft-non-finite-training",
+        "sft --backend torch --learning-rate 1e3 --warmup-steps 0 --steps 12 --save-every 2 "
+        "--eval-every 0 --eval-math 0 --eval-text 0 --eval-limit 8 --batch-size 4 " + RUN,
+        "loss or gradient norm NaN or inf for 3 steps in a row",
+        code=3,
+        progress=True,
+    ),
+]
+
 CASES = (
     MODEL_CASES
     + TOKENIZER_CASES
@@ -1085,6 +1505,7 @@ CASES = (
     + PAIRS_CASES
     + MERGE_CASES
     + PARITY_CASES
+    + TRAINING_CASES
 )
 
 
@@ -1181,8 +1602,14 @@ def test_bad_input(case: Case, shared, tmp_path):
     assert result.returncode == case.code, output
     assert "Traceback" not in result.stdout + result.stderr, output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if case.progress:  # tqdm redraws with carriage returns: the last of them is what shows
+        lines = [line.rsplit("\r", 1)[-1] for line in lines]
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], output
+        lines = lines[-1:]
     assert len(lines) == 1 and lines[0].startswith("error: "), output
     assert message in lines[0], output
+    for name in case.absent:
+        assert not (work / name).exists(), f"{name} was left behind\n{output}"
     if case.seconds is not None:
         assert elapsed < case.seconds, f"took {elapsed:.1f}s\n{output}"
     after = snapshot(work)
