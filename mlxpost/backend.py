@@ -201,6 +201,7 @@ class Backend(Protocol):
 
 
 BACKENDS = {"mlx": "mlxpost.mlx_backend", "torch": "torch_backend"}
+BACKEND_CHOICES = ("auto", *BACKENDS)  # what --backend accepts, on every command
 
 
 def default_backend_name() -> str:

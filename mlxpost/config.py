@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import click
 import yaml
 
-from mlxpost.backend import LoraConfig, OptimConfig
+from mlxpost.backend import BACKEND_CHOICES, DTYPES, LoraConfig, OptimConfig
 from mlxpost.errors import UserError
 
 BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
@@ -91,7 +91,7 @@ class TrainConfig:
     backend: str = option(
         "auto",
         "mlx, torch, or auto: mlx on Apple Silicon, torch elsewhere.",
-        ("auto", "mlx", "torch"),
+        BACKEND_CHOICES,
     )
     model: str | None = option(
         None, "Local Hugging Face checkpoint directory; default: the bundled tiny model."
@@ -129,7 +129,7 @@ class TrainConfig:
     dtype: str = option(
         "float32",
         "Model dtype; logprobs and adapters stay float32.",
-        ("float32", "bfloat16", "float16"),
+        DTYPES,
     )
     max_length: int = option(256, "Tokens per example at most.", ge=2)
     eval_every: int = option(50, "Evaluate every N steps (0: only at the end).", ge=0)

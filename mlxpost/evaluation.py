@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from mlxpost import assets
 from mlxpost.answers import extract_answer, normalise_number
 from mlxpost.backend import Backend
+from mlxpost.config import option
 from mlxpost.errors import UserError
 from mlxpost.generation import generate_replies
 from mlxpost.tokenizer import TokenizerInfo
@@ -57,6 +59,38 @@ class MathEvalConfig:
 
     def __post_init__(self):
         check_sampling(self)
+
+
+def eval_math_option(default: int):
+    """--eval-math of a training command (sft, dpo, grpo, ppo); each chooses its default."""
+    return option(
+        default, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
+    )
+
+
+def eval_math_data_option():
+    """--eval-math-data of a training command."""
+    return option(
+        None,
+        "Math problems (question/answer) for --eval-math; default: the bundled math test split.",
+    )
+
+
+class HeldOutMath:
+    """Held-out math accuracy during training, for every command with --eval-math: the
+    problems (read once, when the algorithm starts) and their greedy scoring."""
+
+    def __init__(self, cfg, max_new_tokens: int):
+        path = cfg.eval_math_data or assets.default_data("eval-math")
+        self.examples = math_examples(path, cfg.eval_math) if cfg.eval_math else []
+        self.generation = MathEvalConfig(max_new_tokens=max_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.examples)
+
+    def evaluate(self, backend: Backend, model, info: TokenizerInfo) -> dict:
+        """evaluate_math's report on the problems."""
+        return evaluate_math(backend, model, info, self.examples, self.generation)
 
 
 def math_examples(path: str, limit: int | None = None) -> list[MathExample]:
@@ -139,14 +173,6 @@ class PerplexityConfig:
         check_batch_size(self)
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"max_length must be at least 2, got {self.max_length}")
-
-
-def max_positions(config: dict) -> int | None:
-    """The longest sequence a checkpoint's position embeddings allow, if it says."""
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if config.get(key):
-            return int(config[key])
-    return None
 
 
 def lm_examples(path: str, limit: int | None = None) -> list:

@@ -61,7 +61,7 @@ from mlxpost.data import (
     tokenize_examples,
 )
 from mlxpost.errors import UserError
-from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
+from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.functional import masked_mean, masked_sum, token_logprobs
 from mlxpost.loop import Algorithm, Session
 
@@ -111,12 +111,8 @@ class DPOConfig(TrainConfig):
         300, "Held-out pairs (KTO: examples) at each evaluation (0: all).", ge=0
     )
     eval_batch_size: int = option(16, "Pairs per batch when evaluating.", ge=1)
-    eval_math: int = option(
-        0, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
-    )
-    eval_math_data: str | None = option(
-        None, "Math problems for --eval-math; default: the bundled math test split."
-    )
+    eval_math: int = eval_math_option(0)
+    eval_math_data: str | None = eval_math_data_option()
     eval_reward_model: str | None = option(
         None,
         "Reward model (final/ of `mlxpost rm`) scoring greedy generations on held-out prompts at each evaluation.",
@@ -395,11 +391,7 @@ class DPO(Algorithm):
         # Pairs are always ranked by the summed-logprob implicit reward, as DPO and KTO define it.
         eval_cfg = replace(cfg, loss="sigmoid") if self.kto else cfg
         self.pair_eval_fn = partial(dpo_loss, cfg=eval_cfg)
-        self.math = (
-            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
-            if cfg.eval_math
-            else []
-        )
+        self.math = HeldOutMath(cfg, cfg.eval_max_new_tokens)
         self.scorer = None
         if cfg.eval_reward_model:
             from mlxpost.reward_model import RewardModelScorer
@@ -517,13 +509,7 @@ class DPO(Algorithm):
         if self.eval_rows:
             out.update(self.evaluate_unpaired())
         if self.math:
-            report = evaluate_math(
-                backend,
-                model,
-                session.info,
-                self.math,
-                MathEvalConfig(max_new_tokens=cfg.eval_max_new_tokens),
-            )
+            report = self.math.evaluate(backend, model, session.info)
             out["math_accuracy"] = report["accuracy"]
         if self.scorer is not None:
             from mlxpost.evaluation import RewardEvalConfig, score_generations

@@ -16,7 +16,7 @@ from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
 from mlxpost.batching import step_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import load_examples
-from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
+from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
 from mlxpost.rewards import RewardSet, parse_weights
@@ -55,12 +55,8 @@ class RLConfig(TrainConfig):
     )
     eval_every: int = option(10, "Evaluate every N steps (0: only at the end).")
     save_every: int = option(50, "Checkpoint every N steps (0: only the final one).")
-    eval_math: int = option(
-        200, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
-    )
-    eval_math_data: str | None = option(
-        None, "Math problems for --eval-math; default: the bundled math test split."
-    )
+    eval_math: int = eval_math_option(200)
+    eval_math_data: str | None = eval_math_data_option()
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,11 +83,7 @@ class Rollouts:
         self.prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in self.examples]
         self.prompt_texts = [tokenizer.decode(p) for p in self.prompts]
         self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights, cfg.reward_failure_share)
-        self.math = (
-            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
-            if cfg.eval_math
-            else []
-        )
+        self.math = HeldOutMath(cfg, cfg.max_new_tokens)
         session.say(
             f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names)}"
         )
@@ -165,13 +157,7 @@ class Rollouts:
         if not self.math:
             return {}
         session = self.session
-        report = evaluate_math(
-            session.backend,
-            session.model,
-            session.info,
-            self.math,
-            MathEvalConfig(max_new_tokens=self.cfg.max_new_tokens),
-        )
+        report = self.math.evaluate(session.backend, session.model, session.info)
         return {
             "math_accuracy": report["accuracy"],
             "eval_completion_length": report["mean_completion_tokens"],

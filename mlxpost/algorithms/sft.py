@@ -24,7 +24,7 @@ from mlxpost.algorithms.supervised import (
 from mlxpost.batching import split_batch
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
-from mlxpost.evaluation import MathEvalConfig, evaluate_math, math_examples
+from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.loop import Algorithm, Session
 
 
@@ -58,13 +58,8 @@ class SFTConfig(TrainConfig):
         "Reference checkpoint for the KL; default: the base model with the adapter off (with --full: the base checkpoint).",
     )
     eval_limit: int = option(200, "Held-out examples for the held-out loss.", ge=1)
-    eval_math: int = option(
-        100, "Held-out math problems scored greedily at each evaluation (0: off).", ge=0
-    )
-    eval_math_data: str | None = option(
-        None,
-        "Math problems (question/answer) for --eval-math; default: the bundled math test split.",
-    )
+    eval_math: int = eval_math_option(100)
+    eval_math_data: str | None = eval_math_data_option()
     eval_text: int = option(
         100, "General-text passages whose perplexity is measured at each evaluation (0: off).", ge=0
     )
@@ -116,11 +111,7 @@ class SFT(Algorithm):
             if cfg.eval_text
             else []
         )
-        self.math = (
-            math_examples(cfg.eval_math_data or assets.default_data("eval-math"), cfg.eval_math)
-            if cfg.eval_math
-            else []
-        )
+        self.math = HeldOutMath(cfg, cfg.eval_max_new_tokens)
         self.batches = Batches(self.train_examples, cfg.batch_size, cfg.seed, info.pad_id)
 
         backend, model = session.backend, session.model
@@ -151,7 +142,7 @@ class SFT(Algorithm):
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        session, cfg = self.session, self.cfg
+        session = self.session
         backend, model, pad = session.backend, session.model, session.info.pad_id
         out: dict[str, float] = {}
         if self.eval_examples:
@@ -165,13 +156,7 @@ class SFT(Algorithm):
                 held_out(backend, model, self.text_loss_fn, self.text_examples, pad)["nll"]
             )
         if self.math:
-            report = evaluate_math(
-                backend,
-                model,
-                session.info,
-                self.math,
-                MathEvalConfig(max_new_tokens=cfg.eval_max_new_tokens),
-            )
+            report = self.math.evaluate(backend, model, session.info)
             out["math_accuracy"] = report["accuracy"]
             if self.report_reasoning:
                 out.update(

@@ -6,16 +6,11 @@ import sys
 
 import click
 
-from mlxpost.run import json_safe  # noqa: F401  (the commands' JSON output)
-
 
 def fail(message: str, status: int = 2) -> None:
     """One line on stderr, then the exit status (2: bad input)."""
     click.echo(f"error: {message}", err=True)
     sys.exit(status)
-
-
-BACKENDS = ("auto", "mlx", "torch")
 
 
 def load_model_and_tokenizer(backend_name: str, model_path: str, adapter: str | None, dtype: str):

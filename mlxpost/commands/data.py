@@ -6,8 +6,10 @@ import json
 
 import click
 
-from mlxpost.commands import fail, json_safe
+from mlxpost.backend import BACKEND_CHOICES
+from mlxpost.commands import fail
 from mlxpost.errors import UserError
+from mlxpost.run import json_safe
 
 # The commands `data check --for` knows; mlxpost.data.COMMANDS, spelled out here so
 # that `mlxpost --help` does not import the data pipeline.
@@ -89,7 +91,7 @@ def data_check(path, command, model_path, split, max_length, as_json):
 @click.option("--adapter", type=click.Path(), default=None, help="LoRA adapter to apply.")
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "mlx", "torch"]),
+    type=click.Choice(BACKEND_CHOICES),
     default="auto",
     show_default=True,
     help="auto: mlx on Apple Silicon, torch elsewhere.",

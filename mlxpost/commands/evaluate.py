@@ -9,9 +9,10 @@ from dataclasses import dataclass, fields, replace
 import click
 
 from mlxpost.assets import DATA, default_data
-from mlxpost.backend import DTYPES
-from mlxpost.commands import BACKENDS, json_safe, load_model_and_tokenizer
+from mlxpost.backend import BACKEND_CHOICES, DTYPES
+from mlxpost.commands import load_model_and_tokenizer
 from mlxpost.errors import UserError
+from mlxpost.run import json_safe
 
 TASKS = ("math", "perplexity", "repetition", "reward")
 # Held-out splits of the bundled data, so every task runs without --data.
@@ -105,8 +106,7 @@ def check_entry(entry: Entry) -> None:
 def evaluate_entry(task: str, entry: Entry, dataset, cfg, backend_name: str, dtype: str):
     """Load the entry afresh (no adapter carries over from another entry) and evaluate it on
     `dataset`, (path, examples)."""
-    from mlxpost.checkpoint import read_config
-    from mlxpost.evaluation import max_positions
+    from mlxpost.checkpoint import max_positions, read_config
 
     backend, model, info = load_model_and_tokenizer(backend_name, entry.model, entry.adapter, dtype)
     path, data = dataset
@@ -280,7 +280,7 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
 @click.option(
     "--backend",
     "backend_name",
-    type=click.Choice(BACKENDS),
+    type=click.Choice(BACKEND_CHOICES),
     default="auto",
     show_default=True,
     help="auto: mlx on Apple Silicon, torch elsewhere.",

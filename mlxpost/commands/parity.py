@@ -8,8 +8,8 @@ import sys
 import click
 
 from mlxpost.backend import DTYPES
-from mlxpost.commands import json_safe
 from mlxpost.errors import UserError
+from mlxpost.run import json_safe
 
 # The longest prompt mlxpost.parity's greedy check decodes from.
 GREEDY_PROMPT_TOKENS = 12

@@ -12,8 +12,8 @@ from mlxpost.algorithms.grpo import GRPOConfig
 from mlxpost.algorithms.ppo import PPOConfig
 from mlxpost.algorithms.rm import RMConfig
 from mlxpost.algorithms.sft import SFTConfig
-from mlxpost.commands import json_safe
 from mlxpost.config import cli_options, resolve
+from mlxpost.run import json_safe
 
 
 def run(
