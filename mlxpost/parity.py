@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from mlxpost.backend import Backend, LoraConfig, OptimConfig, SamplingConfig, get_backend
+from mlxpost.backend_shared.training import learning_rate
 from mlxpost.functional import nll_loss, prediction_mask
-from mlxpost.schedule import learning_rate
 
 RELATIVE_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
 

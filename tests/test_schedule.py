@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from mlxpost.backend import OptimConfig
-from mlxpost.schedule import learning_rate
-from mlxpost.training_utils import average_metrics, normalise_weights
+from mlxpost.backend_shared.training import average_metrics, learning_rate, normalise_weights
 
 LR = 3e-4
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
+from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.checkpoint import first_line, read_config
 from mlxpost.errors import UserError
-from mlxpost.heads import init_scalar_head
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

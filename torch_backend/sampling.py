@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from mlxpost.backend import Samples, SamplingConfig
-from mlxpost.sampling import assemble, left_pad, new_token_budget
+from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
 from torch_backend.modeling import TorchModel, positions
 
 

@@ -8,8 +8,12 @@ import numpy as np
 import torch
 
 from mlxpost.backend import OptimConfig
-from mlxpost.schedule import learning_rate
-from mlxpost.training_utils import average_metrics, finite_update, normalise_weights
+from mlxpost.backend_shared.training import (
+    average_metrics,
+    finite_update,
+    learning_rate,
+    normalise_weights,
+)
 
 
 class TorchOptimizer:

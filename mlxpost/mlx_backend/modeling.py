@@ -12,9 +12,9 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxpost.backend import LoraConfig
+from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.checkpoint import first_line, read_config
 from mlxpost.errors import UserError
-from mlxpost.heads import init_scalar_head
 from mlxpost.mlx_backend.lora import named_parameters
 from mlxpost.mlx_backend.models.common import load_model
 

@@ -8,9 +8,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxpost.backend import Samples, SamplingConfig
+from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
 from mlxpost.mlx_backend.modeling import MLXModel, positions
 from mlxpost.mlx_backend.models.common import make_cache
-from mlxpost.sampling import assemble, left_pad, new_token_budget
 
 NEG_INF = float("-inf")
 

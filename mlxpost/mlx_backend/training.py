@@ -11,8 +11,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxpost.backend import OptimConfig
-from mlxpost.schedule import learning_rate
-from mlxpost.training_utils import average_metrics, finite_update, normalise_weights
+from mlxpost.backend_shared.training import (
+    average_metrics,
+    finite_update,
+    learning_rate,
+    normalise_weights,
+)
 
 
 class MLXOptimizer:

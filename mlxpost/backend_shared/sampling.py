@@ -1,4 +1,6 @@
-"""Backend-independent parts of sampling: prompt padding and result assembly."""
+"""The numpy parts of both backends' sampling (`mlx_backend/sampling.py`,
+`torch_backend/sampling.py`): prompt left-padding, the new-token budget, and assembling the
+per-step outputs into `Samples`."""
 
 from __future__ import annotations
 

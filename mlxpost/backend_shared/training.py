@@ -1,9 +1,25 @@
-"""Small numpy helpers both backends' training steps share."""
+"""The numpy parts of both backends' training steps (`mlx_backend/training.py`,
+`torch_backend/training.py`): the learning-rate schedule, microbatch weights for gradient
+accumulation, and skipping updates whose loss or gradient is not finite."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+
+from mlxpost.backend import OptimConfig
+
+
+def learning_rate(cfg: OptimConfig, step: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from 0, then cosine
+    decay to learning_rate * min_lr_ratio."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = cfg.min_lr_ratio
+    return cfg.learning_rate * (floor + (1.0 - floor) * cosine)
 
 
 def normalise_weights(count: int, weights: Sequence[float] | None) -> list[float]:

@@ -1,4 +1,4 @@
-"""The scalar head (reward model, critic) shared by both backends.
+"""The scalar head (reward model, critic) shared by both backends' modeling.py.
 
 A float32 linear map from the final hidden state to one number, read per
 token; a reward model reads it at the last non-padding token. It is drawn in
