@@ -2,7 +2,9 @@
 
 Backend-independent: the arithmetic is numpy in float64, the result is cast back to each
 weight's own dtype, and the output keeps the base checkpoint's key names (with or without
-`transformer.` / `model.`), so whatever loaded the base loads the result.
+`transformer.` / `model.`), so whatever loaded the base loads the result. Checkpoint tensors
+are read and written by a backend (`tensor_io`: torch if installed, else mlx; each backend's
+`checkpoint_io.py`), since numpy cannot hold bfloat16; this module imports neither framework.
 
 Adapter soups come in two kinds. `factors` averages lora_A and lora_B separately and writes
 an adapter; since (Σ wᵢBᵢ)(Σ wⱼAⱼ) ≠ Σ wᵢBᵢAᵢ this is not the average of the updates, only a
@@ -13,7 +15,6 @@ init gives the same A for the same seed) and stayed close. `update` is exact: it
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import shutil
@@ -22,10 +23,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mlxpost.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, load_adapter
+from mlxpost.backend import Backend, BackendUnavailable, get_backend
 from mlxpost.checkpoint import read_config, read_safetensors_header, weight_files
 from mlxpost.errors import UserError
 
@@ -46,87 +47,27 @@ WEIGHT_INDEX_SUFFIX = ".index.json"
 # --------------------------------------------------------------------------- tensor I/O
 
 
-class _TorchIO:
-    @staticmethod
-    def open(path: str):
-        """key -> tensor getter of one safetensors file, reading each tensor on demand."""
-        return safe_open(path, framework="pt").get_tensor
+def tensor_io() -> Backend:
+    """The backend that reads and writes checkpoint tensors: torch if installed, else mlx.
 
-    @staticmethod
-    def to_numpy(tensor) -> np.ndarray:
-        import torch
-
-        return tensor.to(torch.float64).numpy()
-
-    @staticmethod
-    def from_numpy(array: np.ndarray, like):
-        import torch
-
-        return torch.from_numpy(array).to(like.dtype)
-
-    @staticmethod
-    def is_float(tensor) -> bool:
-        return tensor.is_floating_point()
-
-    @staticmethod
-    def save(tensors: dict, path: str) -> None:
-        from safetensors.torch import save_file as save_torch
-
-        save_torch(tensors, path, metadata={"format": "pt"})
-
-
-class _MlxIO:
-    @staticmethod
-    def open(path: str):
-        import mlx.core as mx
-
-        # Not safetensors' mlx loader: it goes through numpy, which has no bfloat16.
-        return mx.load(path).__getitem__
-
-    @staticmethod
-    def to_numpy(tensor) -> np.ndarray:
-        import mlx.core as mx
-
-        # float32 holds bfloat16/float16 exactly; mlx has no float64 on every device.
-        return np.array(tensor.astype(mx.float32), dtype=np.float64)
-
-    @staticmethod
-    def from_numpy(array: np.ndarray, like):
-        import mlx.core as mx
-
-        return mx.array(array.astype(np.float32)).astype(like.dtype)
-
-    @staticmethod
-    def is_float(tensor) -> bool:
-        import mlx.core as mx
-
-        return mx.issubdtype(tensor.dtype, mx.floating)
-
-    @staticmethod
-    def save(tensors: dict, path: str) -> None:
-        import mlx.core as mx
-
-        mx.save_safetensors(path, tensors, metadata={"format": "pt"})
-
-
-def tensor_io():
-    """torch if installed, else mlx: numpy cannot hold bfloat16, the dtype of most checkpoints.
-
-    Tensors stay in the framework's type; only those an update or average touches go through
-    numpy, so every other tensor is written back bit for bit.
+    torch first: it reads each tensor on demand and converts through float64, where mlx loads
+    whole files and converts through float32 (no float64 on every device). Tensors stay in the
+    framework's type; only those an update or average touches go through numpy, so every
+    other tensor is written back bit for bit.
     """
-    if importlib.util.find_spec("torch") is not None:
-        return _TorchIO
-    if importlib.util.find_spec("mlx") is not None:
-        return _MlxIO
+    for name in ("torch", "mlx"):
+        try:
+            return get_backend(name)
+        except BackendUnavailable:
+            continue
     raise UserError("merging needs torch or mlx to read checkpoints; install one of them")
 
 
 class _Checkpoint:
     """A checkpoint directory's tensors (every shard), read when asked for."""
 
-    def __init__(self, directory: str, io):
-        self.io = io
+    def __init__(self, directory: str, backend: Backend):
+        self.backend = backend
         self.files: dict[str, str] = {}  # key -> shard
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._shards: dict = {}  # shard -> key -> tensor getter, opened on first use
@@ -139,7 +80,7 @@ class _Checkpoint:
     def get(self, key: str):
         path = self.files[key]
         if path not in self._shards:
-            self._shards[path] = self.io.open(path)
+            self._shards[path] = self.backend.open_safetensors(path)
         return self._shards[path](key)
 
 
@@ -232,8 +173,8 @@ def _fold(
 ) -> str:
     """Write model_dir with Σ weight·ΔW of each (weight, adapter directory) added."""
     arch = read_config(model_dir, tokenizer=False)["model_type"]
-    io = tensor_io()
-    base = _Checkpoint(model_dir, io)
+    backend = tensor_io()
+    base = _Checkpoint(model_dir, backend)
     # Checkpoint key -> [(factor, A, B, transpose)]; updates are built one tensor at a time.
     updates: dict[str, list] = {}
     for weight, adapter_dir in adapters:
@@ -259,13 +200,14 @@ def _fold(
         for key in base.files:
             tensor = base.get(key)
             if key in updates:
-                value = io.to_numpy(tensor)
+                value = backend.tensor_to_numpy(tensor)
                 for factor, a, b, transpose in updates[key]:
                     delta = factor * (b.astype(np.float64) @ a.astype(np.float64))
                     value += delta.T if transpose else delta
-                tensor = io.from_numpy(require_finite(value, key, model_dir), like=tensor)
+                value = require_finite(value, key, model_dir)
+                tensor = backend.tensor_from_numpy(value, like=tensor)
             tensors[key] = tensor
-        io.save(tensors, os.path.join(tmp, MERGED_FILE))
+        backend.save_safetensors(tensors, os.path.join(tmp, MERGED_FILE))
         _copy_non_weight_files(model_dir, tmp)
     return output_dir
 
@@ -385,15 +327,15 @@ def _factor_soup(
 def _checkpoint_soup(
     inputs: list[str], weights: list[float], output_dir: str, force: bool, announce
 ) -> str:
-    io = tensor_io()
+    backend = tensor_io()
     first = inputs[0]
     arch = read_config(first, tokenizer=False)["model_type"]
-    checkpoints = [_Checkpoint(first, io)]
+    checkpoints = [_Checkpoint(first, backend)]
     for path in inputs[1:]:
         other_arch = read_config(path, tokenizer=False)["model_type"]
         if other_arch != arch:
             raise UserError(f"{path}: model_type {other_arch} differs from {first}: {arch}")
-        other = _Checkpoint(path, io)
+        other = _Checkpoint(path, backend)
         if other.shapes != checkpoints[0].shapes:
             keys = set(other.shapes) ^ set(checkpoints[0].shapes)
             shapes = [k for k in other.shapes if other.shapes[k] != checkpoints[0].shapes.get(k)]
@@ -406,10 +348,13 @@ def _checkpoint_soup(
         tensors = {}
         for key in checkpoints[0].files:
             tensor = checkpoints[0].get(key)
-            if io.is_float(tensor):
-                total = sum(w * io.to_numpy(c.get(key)) for w, c in zip(weights, checkpoints))
-                tensor = io.from_numpy(require_finite(total, key, ", ".join(inputs)), like=tensor)
+            if backend.is_float_tensor(tensor):
+                total = sum(
+                    w * backend.tensor_to_numpy(c.get(key)) for w, c in zip(weights, checkpoints)
+                )
+                total = require_finite(total, key, ", ".join(inputs))
+                tensor = backend.tensor_from_numpy(total, like=tensor)
             tensors[key] = tensor  # integer buffers are taken from the first checkpoint
-        io.save(tensors, os.path.join(tmp, MERGED_FILE))
+        backend.save_safetensors(tensors, os.path.join(tmp, MERGED_FILE))
         _copy_non_weight_files(first, tmp)
     return output_dir

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from mlxpost import merge as merging
 from mlxpost.adapters import AdapterError, load_adapter, save_adapter
-from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig
+from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig, get_backend
 from mlxpost.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_merge_into_checkpoint_without_body_prefix(merged, tmp_path):
 def test_merge_bfloat16_checkpoint(io, tiny, tmp_path, monkeypatch):
     if io == "mlx":
         pytest.importorskip("mlx.core")
-        monkeypatch.setattr(merging, "tensor_io", lambda: merging._MlxIO)
+        monkeypatch.setattr(merging, "tensor_io", lambda: get_backend("mlx"))
     base = tmp_path / "base"
     shutil.copytree(tiny["gpt2"], base)
     tensors = {k: v.to(torch.bfloat16) for k, v in tensors_of(str(base)).items()}

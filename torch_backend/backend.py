@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ import torch
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.functional import token_logprobs
-from torch_backend import lora, modeling, sampling, training
+from torch_backend import checkpoint_io, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
@@ -238,3 +238,19 @@ class TorchBackend:
 
     def seed(self, seed: int) -> None:
         torch.manual_seed(seed)
+
+    # ---- checkpoint tensors (merge, soup) ----
+    def open_safetensors(self, path: str) -> Callable[[str], torch.Tensor]:
+        return checkpoint_io.open_safetensors(path)
+
+    def tensor_to_numpy(self, tensor: torch.Tensor) -> np.ndarray:
+        return checkpoint_io.to_numpy(tensor)
+
+    def tensor_from_numpy(self, array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return checkpoint_io.from_numpy(array, like)
+
+    def is_float_tensor(self, tensor: torch.Tensor) -> bool:
+        return checkpoint_io.is_float(tensor)
+
+    def save_safetensors(self, tensors: dict[str, torch.Tensor], path: str) -> None:
+        checkpoint_io.save_safetensors(tensors, path)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.functional import token_logprobs
-from mlxpost.mlx_backend import lora, modeling, sampling, training
+from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
 from mlxpost.mlx_backend.ops import MLXOps
 
@@ -233,3 +233,19 @@ class MLXBackend:
 
     def seed(self, seed: int) -> None:
         mx.random.seed(seed)
+
+    # ---- checkpoint tensors (merge, soup) ----
+    def open_safetensors(self, path: str) -> Callable[[str], mx.array]:
+        return checkpoint_io.open_safetensors(path)
+
+    def tensor_to_numpy(self, tensor: mx.array) -> np.ndarray:
+        return checkpoint_io.to_numpy(tensor)
+
+    def tensor_from_numpy(self, array: np.ndarray, like: mx.array) -> mx.array:
+        return checkpoint_io.from_numpy(array, like)
+
+    def is_float_tensor(self, tensor: mx.array) -> bool:
+        return checkpoint_io.is_float(tensor)
+
+    def save_safetensors(self, tensors: dict[str, mx.array], path: str) -> None:
+        checkpoint_io.save_safetensors(tensors, path)
