@@ -1,6 +1,6 @@
 """PPO with a critic and GAE for language models (Ouyang et al., 2022; the cleanrl recipe).
 
-The critic is a value head (mlxpost/heads.py) on the policy's own trunk: one
+The critic is a value head (mlxpost/backend_shared/heads.py) on the policy's own trunk: one
 forward pass gives the logits and the values, the LoRA adapter serves both,
 and the loss is policy_loss + vf_coef * value_loss. This halves the memory
 and compute of a separate critic model; the cost is that value gradients
