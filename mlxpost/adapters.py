@@ -18,8 +18,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig
-from mlxpost.checkpoint import first_line, read_json, read_safetensors_header
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
+from mlxpost.model_dir import read_json, read_safetensors_header
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"

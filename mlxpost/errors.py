@@ -27,3 +27,12 @@ class Interrupted(MlxpostError):
     """Ctrl-C (SIGINT): exit status 130, saying how to continue where that makes sense."""
 
     exit_code = 130
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message condensed to its first non-empty line (or its type), for the
+    one-line errors of a third-party library's multi-line report."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__

@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from mlxpost import assets
 from mlxpost.backend import Backend, get_backend
-from mlxpost.checkpoint import max_positions, read_config
 from mlxpost.config import TrainConfig, default_output, to_dict
 from mlxpost.errors import Interrupted, NonFiniteError, UserError
+from mlxpost.model_dir import max_positions, read_config
 from mlxpost.run import RunDir, load_arrays, save_arrays
 from mlxpost.tokenizer import TokenizerInfo, load_tokenizer
 

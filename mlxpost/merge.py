@@ -27,8 +27,8 @@ from safetensors.numpy import save_file
 
 from mlxpost.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, load_adapter
 from mlxpost.backend import Backend, BackendUnavailable, get_backend
-from mlxpost.checkpoint import read_config, read_safetensors_header, weight_files
 from mlxpost.errors import UserError
+from mlxpost.model_dir import read_config, read_safetensors_header, weight_files
 
 SOUP_MODES = ("factors", "update")
 MERGED_FILE = "model.safetensors"

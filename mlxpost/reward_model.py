@@ -59,7 +59,7 @@ def load_reward_model(
 ) -> tuple[Any, RewardModelInfo]:
     """(model, info): the base model of reward_model.json with the scalar head, the LoRA
     adapter when it was trained with one, and every trained weight of trainable.npz."""
-    from mlxpost.checkpoint import read_config
+    from mlxpost.model_dir import read_config
     from mlxpost.run import load_arrays
     from mlxpost.tokenizer import load_tokenizer
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from mlxpost.checkpoint import VOCABULARY_FILES, check_tokenizer_files, first_line, read_json
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
+from mlxpost.model_dir import VOCABULARY_FILES, check_tokenizer_files, read_json
 
 
 @dataclass

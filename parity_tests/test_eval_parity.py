@@ -7,8 +7,8 @@ import pytest
 
 def test_perplexity_agrees_across_backends(backends, tiny_dir):
     from mlxpost.assets import DATA
-    from mlxpost.checkpoint import max_positions, read_config
     from mlxpost.evaluation import PerplexityConfig, evaluate_perplexity, lm_examples
+    from mlxpost.model_dir import max_positions, read_config
     from mlxpost.tokenizer import load_tokenizer
 
     path = str(tiny_dir / "tiny-gemma2")

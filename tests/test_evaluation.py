@@ -153,7 +153,7 @@ def test_completion_perplexity_counts_completion_tokens_only(backend, gpt2, tmp_
 
 
 def test_long_text_is_cut_to_the_model_positions(backend, gpt2, tmp_path):
-    from mlxpost.checkpoint import max_positions, read_config
+    from mlxpost.model_dir import max_positions, read_config
 
     model, info = load(backend, gpt2)
     limit = max_positions(read_config(gpt2))

@@ -13,8 +13,8 @@ from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
 from mlxpost.backend_shared.heads import init_scalar_head
-from mlxpost.checkpoint import first_line, read_config
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
+from mlxpost.model_dir import read_config
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

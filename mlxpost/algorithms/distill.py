@@ -92,7 +92,7 @@ class Distill(SFT):
 
 def check_same_tokenizer(student: str, teacher: str) -> None:
     """Logit distillation compares distributions token by token: the vocabularies must match."""
-    from mlxpost.checkpoint import read_config
+    from mlxpost.model_dir import read_config
 
     read_config(teacher)
     if (

@@ -26,7 +26,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
 
 def new_token_budget(config: dict, prompt_width: int, requested: int) -> int:
     """max_new_tokens, cut so prompt + completion stays within the model's positions."""
-    from mlxpost.checkpoint import max_positions
+    from mlxpost.model_dir import max_positions
 
     limit = max_positions(config)
     if limit is None:

@@ -17,7 +17,7 @@ def load_model_and_tokenizer(backend_name: str, model_path: str, adapter: str | 
     """Validate paths, then import the backend and load model, adapter and tokenizer."""
     from mlxpost.adapters import load_adapter
     from mlxpost.backend import get_backend
-    from mlxpost.checkpoint import read_config
+    from mlxpost.model_dir import read_config
     from mlxpost.tokenizer import load_tokenizer
 
     read_config(model_path)

@@ -96,7 +96,7 @@ def parse_compare(spec: str, base_model: str) -> list[Entry]:
 def check_entry(entry: Entry) -> None:
     """Fail on a bad entry before any is evaluated, not after an hour of the others."""
     from mlxpost.adapters import load_adapter
-    from mlxpost.checkpoint import read_config
+    from mlxpost.model_dir import read_config
 
     read_config(entry.model)
     if entry.adapter:
@@ -106,7 +106,7 @@ def check_entry(entry: Entry) -> None:
 def evaluate_entry(task: str, entry: Entry, dataset, cfg, backend_name: str, dtype: str):
     """Load the entry afresh (no adapter carries over from another entry) and evaluate it on
     `dataset`, (path, examples)."""
-    from mlxpost.checkpoint import max_positions, read_config
+    from mlxpost.model_dir import max_positions, read_config
 
     backend, model, info = load_model_and_tokenizer(backend_name, entry.model, entry.adapter, dtype)
     path, data = dataset

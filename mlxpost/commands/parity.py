@@ -63,7 +63,7 @@ def parity(model_path, adapter, dtype, seq_len, batch_size, greedy_tokens, seed,
     tolerance (see `mlxpost.parity` for how tolerances follow from rounding).
     """
     from mlxpost.adapters import load_adapter
-    from mlxpost.checkpoint import max_positions, read_config
+    from mlxpost.model_dir import max_positions, read_config
     from mlxpost.parity import ParitySetup, default_seq_len, format_table, run_parity
 
     for name, value in (("--batch-size", batch_size), ("--greedy-tokens", greedy_tokens)):

@@ -14,8 +14,7 @@ import json
 import os
 import re
 
-from mlxpost.checkpoint import first_line
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # "org/name" with no file extension: a Hugging Face Hub dataset, looked up in the local

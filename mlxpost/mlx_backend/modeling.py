@@ -13,10 +13,10 @@ import numpy as np
 
 from mlxpost.backend import LoraConfig
 from mlxpost.backend_shared.heads import init_scalar_head
-from mlxpost.checkpoint import first_line, read_config
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
 from mlxpost.mlx_backend.lora import named_parameters
 from mlxpost.mlx_backend.models.common import load_model
+from mlxpost.model_dir import read_config
 
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

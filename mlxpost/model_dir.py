@@ -1,4 +1,6 @@
-"""Reading and checking a Hugging Face checkpoint directory, shared by both backends.
+"""Reading and checking a model directory (a Hugging Face checkpoint), for both backends.
+
+(Training checkpoints, checkpoints/step-N/ of a run, are mlxpost/run.py's.)
 
 `read_config` is the gate every command passes a model through before a backend
 is imported: it reads config.json, checks that every safetensors file is whole
@@ -15,7 +17,7 @@ import os
 import re
 from functools import partial
 
-from mlxpost.errors import UserError
+from mlxpost.errors import UserError, first_line
 
 SUPPORTED_ARCHITECTURES = ("gpt2", "gemma2")
 INDEX_FILE = "model.safetensors.index.json"
@@ -347,11 +349,3 @@ def check_tokenizer_json(file: str) -> None:
         Tokenizer.from_file(file)
     except Exception as err:  # the Rust library raises a bare Exception with a serde message
         raise UserError(f"{file}: not a usable tokenizer ({first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message condensed to its first non-empty line (or its type)."""
-    for line in str(err).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(err).__name__
