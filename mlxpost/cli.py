@@ -13,7 +13,7 @@ import click
 
 from mlxpost.commands import fail
 from mlxpost.commands.data import data
-from mlxpost.commands.evaluate import evaluate
+from mlxpost.commands.eval import eval_command
 from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
 from mlxpost.commands.plot import plot
@@ -56,7 +56,7 @@ def main():
     """
 
 
-for command in (sft, distill, grpo, ppo, rm, dpo, parity, evaluate, data, merge, soup, plot):
+for command in (sft, distill, grpo, ppo, rm, dpo, parity, eval_command, data, merge, soup, plot):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     help="--task reward: the reward model, the final/ directory of an `mlxpost rm` run.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def evaluate(
+def eval_command(
     task,
     model_path,
     adapter,
