@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlxpost import assets
-from mlxpost.algorithms.rm import held_out_pairs, load_pairs, pair_step
+from mlxpost.algorithms.preference_pairs import held_out_pairs, load_pairs, pair_step
 from mlxpost.algorithms.supervised import Batches, check_lengths, collate
 from mlxpost.backend import adapter_disabled
 from mlxpost.config import TrainConfig, option

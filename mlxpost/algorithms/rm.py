@@ -1,6 +1,6 @@
 """Reward modelling: a scalar head on the LM trunk, trained on preference pairs.
 
-The reward r(x, y) is the scalar head (mlxpost/heads.py) read at the last
+The reward r(x, y) is the scalar head (mlxpost/backend_shared/heads.py) read at the last
 non-padding token of prompt + completion. The loss is Bradley-Terry's
 negative log-likelihood (Ouyang et al., 2022, eq. 1), with the optional
 per-pair `margin` column subtracted inside the sigmoid (Llama 2, Touvron et
@@ -18,7 +18,8 @@ the PEFT adapter with --lora, and reward_model.json naming the base model, so
 mlxpost.reward_model.load_reward_model can score text later (`mlxpost eval
 --task reward`, RL rewards).
 
-The pair helpers here (loading, stacking chosen over rejected) are shared with DPO.
+Loading pairs, stacking chosen over rejected and the step are
+mlxpost/algorithms/preference_pairs.py's, shared with DPO and KTO.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from functools import partial
 import numpy as np
 
 from mlxpost import assets
-from mlxpost.algorithms.supervised import Batches, check_lengths, collate
-from mlxpost.batching import split_indices
+from mlxpost.algorithms.preference_pairs import collate_pairs, held_out_pairs, load_pairs, pair_step
+from mlxpost.algorithms.supervised import Batches
 from mlxpost.config import TrainConfig, option
-from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
-from mlxpost.functional import last_token_index
+from mlxpost.data import TokenizeConfig
 from mlxpost.loop import Algorithm, Session
 from mlxpost.reward_model import REWARD_MODEL_FILE
 
@@ -59,45 +59,6 @@ class RMConfig(TrainConfig):
     )
     eval_limit: int = option(300, "Held-out pairs scored at each evaluation (0: all).", ge=0)
     eval_batch_size: int = option(16, "Pairs per batch when evaluating.", ge=1)
-
-
-# ---- preference pairs on the loop (shared with DPO) ----
-
-
-def load_pairs(
-    path: str,
-    command: str,
-    tokenizer,
-    cfg: TokenizeConfig,
-    say,
-    limit: int | None = None,
-):
-    """(tokenised (chosen, rejected) pairs, their PreferenceExamples), exact duplicates dropped.
-
-    No quality filter: a rejected completion is often bad on purpose (loops, rudeness)."""
-    fmt, examples = load_examples(path, command)
-    if limit:
-        examples = examples[:limit]
-    examples, report = deduplicate(examples)
-    if report["dropped"]:
-        say(f"{path}: {report['dropped']} exact duplicate pairs dropped")
-    pairs, lengths = tokenize_preferences(examples, tokenizer, cfg)
-    check_lengths(path, len(pairs), lengths, cfg.max_length, say, "pairs", "deduplication")
-    kept = [examples[chosen.index] for chosen, _ in pairs]
-    say(f"{path}: {len(pairs)} preference pairs ({fmt})")
-    return pairs, kept
-
-
-def collate_pairs(pairs, pad_id: int, margins=None) -> dict[str, np.ndarray]:
-    """B pairs as one right-padded batch of 2B rows: chosen in rows [0, B), rejected in
-    [B, 2B); with `last_index` (2B,), the last real token of each row, and `margin` (B,)."""
-    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
-    batch = collate(rows, pad_id)
-    batch["last_index"] = last_token_index(batch["attention_mask"]).astype(np.int32)
-    batch["margin"] = (
-        np.zeros(len(pairs), np.float32) if margins is None else np.asarray(margins, np.float32)
-    )
-    return batch
 
 
 # ---- the math ----
@@ -213,39 +174,6 @@ class RewardModel(Algorithm):
             }
         )
         return out
-
-
-def held_out_pairs(
-    backend, model, loss_fn, pairs, pad_id: int, batch_size: int, margins=None, extra=None
-) -> dict[str, float]:
-    """Pair-weighted means of loss_fn's loss and metrics over `pairs` (no gradients).
-
-    extra(indices) may return more arrays for each batch (e.g. reference logprobs)."""
-    order = np.argsort([len(c.input_ids) + len(r.input_ids) for c, r in pairs], kind="stable")
-    margins = np.zeros(len(pairs), np.float32) if margins is None else margins
-    totals: dict[str, float] = {}
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        batch = collate_pairs([pairs[i] for i in indices], pad_id, margins[indices])
-        if extra is not None:
-            batch.update(extra(indices))
-        loss, metrics = backend.evaluate(model, loss_fn, batch)
-        for key, value in {"loss": loss, **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
-    return {key: value / max(len(pairs), 1) for key, value in totals.items()}
-
-
-def pair_step(session: Session, loss_fn, batches, step: int, make_batch) -> dict[str, float]:
-    """One optimizer step over the step's examples, split into --grad-accum chunks that
-    weigh by their size, so the loss is a mean over every example (RM and DPO)."""
-    cfg = session.cfg
-    chunks = split_indices(batches.indices(step), cfg.grad_accum)
-    parts = [make_batch(chunk) for chunk in chunks]
-    session.backend.seed(cfg.seed + step)  # LoRA dropout draws
-    weights = [float(len(chunk)) for chunk in chunks]
-    metrics = session.backend.train_step(session.model, session.optimizer, loss_fn, parts, weights)
-    metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))
-    return metrics
 
 
 def write_reward_model_info(session: Session, directory: str) -> None:
