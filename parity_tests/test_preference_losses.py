@@ -11,7 +11,9 @@ import math
 import numpy as np
 import pytest
 
-from mlxpost.algorithms.dpo import DPOConfig, dpo_loss, preference_objective
+from mlxpost.algorithms.dpo import dpo_loss, preference_objective
+from mlxpost.algorithms.kto import kto_loss
+from mlxpost.algorithms.preference import DPOConfig
 from mlxpost.algorithms.rm import RMConfig, rm_loss
 from mlxpost.ops import NumpyOps
 
@@ -224,14 +226,14 @@ def test_kto_matches_the_oracle(mode, z0_active, array_backends):
     else:
         arrays["reference"] = reference
     for name, ops, convert in array_backends:
-        got, metrics = run_loss(dpo_loss, ops, convert, arrays, batch, cfg)
+        got, metrics = run_loss(kto_loss, ops, convert, arrays, batch, cfg)
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name}: {got} vs {expected}"
         assert metrics["kl"] == pytest.approx(z0, rel=1e-5, abs=1e-6), name
 
 
 def test_kto_reference_point_carries_no_gradient():
     torch = pytest.importorskip("torch")
-    from mlxpost.algorithms.dpo import kto_objective
+    from mlxpost.algorithms.kto import kto_objective
     from torch_backend.ops import TorchOps
 
     ops = TorchOps(torch.device("cpu"))

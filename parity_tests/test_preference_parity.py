@@ -44,7 +44,8 @@ def step_metrics(output) -> list[dict]:
 
 
 def test_dpo_losses_agree_for_20_steps(tiny_dir, backends, tmp_path, pairs_file):
-    from mlxpost.algorithms.dpo import DPO, DPOConfig
+    from mlxpost.algorithms.dpo import DPO
+    from mlxpost.algorithms.preference import DPOConfig
     from mlxpost.loop import setup, train
 
     rows = {}

@@ -1,7 +1,8 @@
 """Preference pairs on the training loop: loading, stacking, held-out means, one step.
 
-Shared by the reward model (rm.py) and DPO (dpo.py). A batch of B pairs is
-2B rows, chosen over rejected, so one forward scores both sides.
+Shared by the reward model (rm.py) and the preference optimisers (dpo.py,
+kto.py, through preference.py). A batch of B pairs is 2B rows, chosen over
+rejected, so one forward scores both sides.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def held_out_pairs(
 
 def pair_step(session: Session, loss_fn, batches, step: int, make_batch) -> dict[str, float]:
     """One optimizer step over the step's examples, split into --grad-accum chunks that
-    weigh by their size, so the loss is a mean over every example (RM and DPO)."""
+    weigh by their size, so the loss is a mean over every example (RM, DPO and KTO)."""
     cfg = session.cfg
     chunks = split_indices(batches.indices(step), cfg.grad_accum)
     parts = [make_batch(chunk) for chunk in chunks]

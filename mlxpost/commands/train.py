@@ -7,9 +7,9 @@ import json
 import click
 
 from mlxpost.algorithms.distill import DistillConfig
-from mlxpost.algorithms.dpo import DPOConfig
 from mlxpost.algorithms.grpo import GRPOConfig
 from mlxpost.algorithms.ppo import PPOConfig
+from mlxpost.algorithms.preference import DPOConfig
 from mlxpost.algorithms.rm import RMConfig
 from mlxpost.algorithms.sft import SFTConfig
 from mlxpost.config import cli_options, resolve
@@ -27,14 +27,17 @@ def run(
 ) -> None:
     """Resolve the config, set up, train, and print the final figures as one JSON object
     on stdout (progress goes to stderr). `algorithm` is "module:Class" under
-    mlxpost.algorithms, imported only now so --help stays fast."""
+    mlxpost.algorithms, or a function of the config naming one; imported only now so
+    --help stays fast."""
     import importlib
 
     from mlxpost.loop import setup, train
 
+    cfg = resolve(config_cls, ctx, values, config_file, command)
+    if callable(algorithm):
+        algorithm = algorithm(cfg)
     module, name = algorithm.split(":")
     algorithm_cls = getattr(importlib.import_module(f"mlxpost.algorithms.{module}"), name)
-    cfg = resolve(config_cls, ctx, values, config_file, command)
     session = setup(command, cfg, scalar_head=scalar_head)
     click.echo(json.dumps(json_safe(train(session, algorithm_cls(session, cfg))), indent=2))
 
@@ -142,4 +145,9 @@ def dpo(ctx, config_file, **values):
     implicit reward, and optionally greedy math accuracy (--eval-math N) and a
     reward model's mean score of greedy generations (--eval-reward-model DIR).
     """
-    run("dpo", DPOConfig, "dpo:DPO", ctx, values, config_file)
+    run("dpo", DPOConfig, preference_algorithm, ctx, values, config_file)
+
+
+def preference_algorithm(cfg: DPOConfig) -> str:
+    """--loss kto trains KTO, its own algorithm; the paired losses train DPO."""
+    return "kto:KTO" if cfg.loss == "kto" else "dpo:DPO"

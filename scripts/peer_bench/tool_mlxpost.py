@@ -165,7 +165,8 @@ def worker_grpo_mlxpost(spec: dict) -> dict:
 
 
 def worker_dpo_mlxpost(spec: dict) -> dict:
-    from mlxpost.algorithms.dpo import DPO, DPOConfig
+    from mlxpost.algorithms.dpo import DPO
+    from mlxpost.algorithms.preference import DPOConfig
     from mlxpost.loop import setup
 
     plan = spec["plan"]
