@@ -184,7 +184,7 @@ class Backend(Protocol):
     def loss_and_grads(
         self, model: Any, loss_fn: LossFn, batch: dict[str, np.ndarray]
     ) -> tuple[float, dict, dict[str, np.ndarray]]: ...
-    def evaluate(
+    def compute_loss(
         self, model: Any, loss_fn: LossFn, batch: dict[str, np.ndarray]
     ) -> tuple[float, dict]: ...
     def train_step(

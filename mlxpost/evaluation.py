@@ -88,7 +88,7 @@ class HeldOutMath:
     def __bool__(self) -> bool:
         return bool(self.examples)
 
-    def evaluate(self, backend: Backend, model, info: TokenizerInfo) -> dict:
+    def score(self, backend: Backend, model, info: TokenizerInfo) -> dict:
         """evaluate_math's report on the problems."""
         return evaluate_math(backend, model, info, self.examples, self.generation)
 

@@ -213,7 +213,7 @@ class TorchBackend:
         return float(loss.detach()), {k: float(v.detach()) for k, v in metrics.items()}, grads
 
     @torch.no_grad()
-    def evaluate(self, model: TorchModel, loss_fn, batch: dict) -> tuple[float, dict]:
+    def compute_loss(self, model: TorchModel, loss_fn, batch: dict) -> tuple[float, dict]:
         """The loss and metrics of loss_fn without gradients or dropout."""
         loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
         return float(loss), {k: float(v) for k, v in metrics.items()}

@@ -256,7 +256,7 @@ class KTO(PreferenceAlgorithm):
                 self.ref_eval if precomputed else None,
                 self.ref_eval_kl if precomputed else None,
             )
-            loss, metrics = session.backend.evaluate(session.model, self.loss_fn, batch)
+            loss, metrics = session.backend.compute_loss(session.model, self.loss_fn, batch)
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
         return {f"eval_{key}": value / len(order) for key, value in totals.items()}

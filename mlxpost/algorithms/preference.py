@@ -267,7 +267,7 @@ class PreferenceAlgorithm(Algorithm):
         backend, model = session.backend, session.model
         out = self.held_out()
         if self.math:
-            report = self.math.evaluate(backend, model, session.info)
+            report = self.math.score(backend, model, session.info)
             out["math_accuracy"] = report["accuracy"]
         if self.scorer is not None:
             from mlxpost.evaluation import RewardEvalConfig, score_generations

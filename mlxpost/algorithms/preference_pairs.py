@@ -66,7 +66,7 @@ def held_out_pairs(
         batch = collate_pairs([pairs[i] for i in indices], pad_id, margins[indices])
         if extra is not None:
             batch.update(extra(indices))
-        loss, metrics = backend.evaluate(model, loss_fn, batch)
+        loss, metrics = backend.compute_loss(model, loss_fn, batch)
         for key, value in {"loss": loss, **metrics}.items():
             totals[key] = totals.get(key, 0.0) + float(value) * len(indices)
     return {key: value / max(len(pairs), 1) for key, value in totals.items()}

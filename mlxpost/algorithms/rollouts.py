@@ -157,7 +157,7 @@ class Rollouts:
         if not self.math:
             return {}
         session = self.session
-        report = self.math.evaluate(session.backend, session.model, session.info)
+        report = self.math.score(session.backend, session.model, session.info)
         return {
             "math_accuracy": report["accuracy"],
             "eval_completion_length": report["mean_completion_tokens"],

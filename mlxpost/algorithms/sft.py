@@ -156,7 +156,7 @@ class SFT(Algorithm):
                 held_out(backend, model, self.text_loss_fn, self.text_examples, pad)["nll"]
             )
         if self.math:
-            report = self.math.evaluate(backend, model, session.info)
+            report = self.math.score(backend, model, session.info)
             out["math_accuracy"] = report["accuracy"]
             if self.report_reasoning:
                 out.update(

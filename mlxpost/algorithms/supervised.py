@@ -116,7 +116,7 @@ def held_out(
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         count = float(batch["loss_mask"].sum())
-        _, metrics = backend.evaluate(model, loss_fn, batch)
+        _, metrics = backend.compute_loss(model, loss_fn, batch)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * count
         tokens += count

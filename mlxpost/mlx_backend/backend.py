@@ -205,7 +205,7 @@ class MLXBackend:
             )
         return loss, metrics, modeling.to_numpy_params(dict(training.tree_flatten(grads)))
 
-    def evaluate(self, model: MLXModel, loss_fn, batch: dict) -> tuple[float, dict]:
+    def compute_loss(self, model: MLXModel, loss_fn, batch: dict) -> tuple[float, dict]:
         """The loss and metrics of loss_fn without gradients or dropout."""
         loss, metrics = loss_fn(self.ops, MLXForward(model), self.batch_to_arrays(batch))
         mx.eval(loss, metrics)
