@@ -59,10 +59,12 @@ class OptimConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Clip the global gradient norm to this; None: no clipping."}
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps from 0."})
+    # Warmup and floor are the training commands' own defaults (TrainConfig), so a library
+    # user and `mlxpost sft` get the same schedule unless they say otherwise.
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps from 0."})
     total_steps: int = field(default=1000, metadata={"help": "Steps of the whole schedule."})
     min_lr_ratio: float = field(
-        default=0.0, metadata={"help": "Cosine decay ends at learning_rate * min_lr_ratio."}
+        default=0.1, metadata={"help": "Cosine decay ends at learning_rate * min_lr_ratio."}
     )
 
 

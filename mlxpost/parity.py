@@ -332,6 +332,7 @@ class ParityRun:
             learning_rate=self.setup.learning_rate,
             weight_decay=0.01,
             max_grad_norm=None,
+            warmup_steps=0,
             total_steps=1,
         )
         lr = learning_rate(cfg, 0)

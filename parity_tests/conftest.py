@@ -100,7 +100,7 @@ def one_update(backends):
             backend.set_parameters(model, parity_lora_init(backend.parameters(model, True), 0))
             models.append(model)
         batch = make_batch(backends[0], models[0])
-        optim = OptimConfig(learning_rate=1e-3, eps=1e-6, total_steps=1)
+        optim = OptimConfig(learning_rate=1e-3, eps=1e-6, warmup_steps=0, total_steps=1)
         results, weights = [], []
         for backend, model in zip(backends, models):
             optimizer = backend.make_optimizer(model, optim)

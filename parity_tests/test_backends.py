@@ -210,6 +210,7 @@ def test_training_steps_match(backends, checkpoint):
         eps=1e-6,
         warmup_steps=2,
         total_steps=4,
+        min_lr_ratio=0.0,
         max_grad_norm=0.05,
         weight_decay=0.01,
     )
@@ -246,7 +247,7 @@ def test_accumulation_equals_one_big_batch(backends, checkpoint):
             "attention_mask": mask,
             "loss_mask": prediction_mask(mask).astype(np.float32),
         }
-        cfg = OptimConfig(learning_rate=1e-3, eps=1e-6, total_steps=1)
+        cfg = OptimConfig(learning_rate=1e-3, eps=1e-6, warmup_steps=0, total_steps=1)
         a = backend.train_step(
             model, backend.make_optimizer(model, cfg), nll_loss, batches, weights
         )

@@ -55,7 +55,9 @@ def test_parity_command_with_adapter(tiny_dir, backends, tmp_path):
         "attention_mask": mask,
         "loss_mask": prediction_mask(mask).astype(np.float32),
     }
-    optimizer = torch_backend.make_optimizer(model, OptimConfig(learning_rate=1e-2, total_steps=3))
+    optimizer = torch_backend.make_optimizer(
+        model, OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3)
+    )
     for _ in range(3):
         torch_backend.train_step(model, optimizer, nll_loss, [batch])
     torch_backend.save_adapter(model, str(tmp_path))

@@ -166,7 +166,9 @@ def bench_train(backend, model_dir: str, plan: Plan, lora: bool, seed: int) -> t
     if lora:
         backend.attach_lora(model, LoraConfig(rank=8), seed=seed)
     trainable, total = backend.parameter_count(model)
-    optimizer = backend.make_optimizer(model, OptimConfig(learning_rate=1e-4, total_steps=10_000))
+    optimizer = backend.make_optimizer(
+        model, OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10_000, min_lr_ratio=0.0)
+    )
     rng = np.random.default_rng(seed)
     batch = random_batch(rng, vocab_size(model_dir), plan.batch_size, plan.seq_len)
     for _ in range(plan.warmup):

@@ -21,7 +21,9 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched(tiny_dir, name
     backend = get_backend(name)
     model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
     backend.attach_lora(model, LoraConfig(rank=2, alpha=4.0))
-    optimizer = backend.make_optimizer(model, OptimConfig(learning_rate=1e-2, total_steps=4))
+    optimizer = backend.make_optimizer(
+        model, OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=4)
+    )
     ids = np.random.default_rng(0).integers(10, 200, size=(2, 12))
     mask = np.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": prediction_mask(mask)}

@@ -91,7 +91,9 @@ def test_adamw_first_step_is_lr_g_over_abs_g_whatever_the_betas():
     update = 1e-3 * np.array([3 / (3 + 1e-8), -1e-4 / (1e-4 + 1e-8), 0.5, 0.0])
     expected = weights * (1 - 1e-3 * 0.1) - update
     for beta1, beta2 in ((0.9, 0.999), (0.5, 0.9)):
-        cfg = OptimConfig(learning_rate=1e-3, weight_decay=0.1, eps=1e-8, beta1=beta1, beta2=beta2)
+        cfg = OptimConfig(
+            learning_rate=1e-3, weight_decay=0.1, eps=1e-8, beta1=beta1, beta2=beta2, warmup_steps=0
+        )
         updated, m, v = adamw_first_step(weights, grads, cfg, cfg.learning_rate)
         np.testing.assert_allclose(updated, expected, rtol=1e-12)
         np.testing.assert_allclose(m, (1 - beta1) * grads)

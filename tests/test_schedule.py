@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from mlxpost.backend import OptimConfig
+from mlxpost.backend import LoraConfig, OptimConfig
 from mlxpost.backend_shared.training import average_metrics, learning_rate, normalise_weights
 
 LR = 3e-4
@@ -108,8 +109,15 @@ def test_no_warmup_starts_at_peak():
     assert np.all(lrs[20:] == lrs[20])
 
 
-def test_defaults_are_a_plain_cosine():
-    cfg = OptimConfig()
+def test_library_defaults_agree_with_the_training_commands():
+    from mlxpost.config import TrainConfig
+
+    assert TrainConfig().optim_config() == replace(OptimConfig(), total_steps=TrainConfig().steps)
+    assert TrainConfig().lora_config() == LoraConfig()
+
+
+def test_no_warmup_and_no_floor_is_a_plain_cosine():
+    cfg = OptimConfig(warmup_steps=0, min_lr_ratio=0.0)
     assert learning_rate(cfg, 0) == pytest.approx(cfg.learning_rate)
     mid = cfg.total_steps // 2
     assert learning_rate(cfg, mid) == pytest.approx(cfg.learning_rate / 2, rel=1e-9)

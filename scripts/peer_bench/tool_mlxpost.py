@@ -38,7 +38,10 @@ def worker_sft_mlxpost(spec: dict) -> dict:
     backend.attach_lora(model, LoraConfig(LORA_RANK, LORA_ALPHA, 0.0, LORA_TARGETS), seed=seed)
     total = plan["warmup"] + plan["steps"]
     optimizer = backend.make_optimizer(
-        model, OptimConfig(learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=total)
+        model,
+        OptimConfig(
+            learning_rate=LEARNING_RATE, warmup_steps=0, total_steps=total, min_lr_ratio=0.0
+        ),
     )
     loss_fn = partial(nll_and_kl_loss, kl_beta=0.0)  # what `mlxpost sft` trains with
     rows = sft_rows(spec)
