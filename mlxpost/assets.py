@@ -31,3 +31,11 @@ def default_model() -> str:
 
 def default_data(command: str) -> str:
     return DEFAULT_DATA[command]
+
+
+def training_data(command: str, data: str | None, eval_data: str | None) -> tuple[str, str | None]:
+    """(--data, --eval-data) of a training command, with the bundled defaults: the held-out
+    split is bundled only alongside the bundled training data (yours has none by default)."""
+    if data:
+        return data, eval_data
+    return default_data(command), eval_data or default_data(f"{command}-eval")

@@ -74,12 +74,8 @@ def validate(config) -> None:
         bounds = inherited_bounds(type(config), f.name)
         if value is None or not bounds or isinstance(value, bool):
             continue
-        failed = [
-            f"{BOUNDS[kind]} {bound:g}"
-            for kind, bound in bounds.items()
-            if not _COMPARE[kind](value, bound)
-        ]
-        if failed or value != value:  # NaN compares false with everything
+        # NaN compares false with everything, so it fails every bound.
+        if not all(_COMPARE[kind](value, bound) for kind, bound in bounds.items()):
             wanted = " and ".join(f"{BOUNDS[kind]} {bound:g}" for kind, bound in bounds.items())
             raise UserError(f"{flag_name(f.name)} must be {wanted}, got {value}")
 

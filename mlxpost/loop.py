@@ -283,7 +283,7 @@ class Progress:
         return summary
 
     def check_finite(self, done: int, metrics: dict) -> None:
-        """Stop after --max-nonfinite-steps steps in a row whose updates were all skipped."""
+        """Stop after --max-nonfinite-steps steps in a row that skipped an update."""
         skipped = metrics.get("nonfinite_updates", 0.0)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
         if skipped:

@@ -103,13 +103,6 @@ class RunDir:
             os.path.join(self.path, "config.yaml"), yaml.safe_dump(config, sort_keys=False)
         )
 
-    def read_config(self) -> dict | None:
-        path = os.path.join(self.path, "config.yaml")
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-
     def log(self, metrics: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(json_safe(metrics)) + "\n")

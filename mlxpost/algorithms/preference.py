@@ -192,10 +192,7 @@ class PreferenceAlgorithm(Algorithm):
     def __init__(self, session: Session, cfg: DPOConfig):
         self.session, self.cfg = session, cfg
         info = session.info  # the data first: bad data fails before the model loads
-        data = cfg.data or assets.default_data(self.command)
-        eval_data = cfg.eval_data or (
-            assets.default_data(f"{self.command}-eval") if not cfg.data else None
-        )
+        data, eval_data = assets.training_data(self.command, cfg.data, cfg.eval_data)
         tokenize = TokenizeConfig(max_length=cfg.max_length, on_too_long=cfg.on_too_long)
         items = self.load_train(data, tokenize)
         self.batches = Batches(items, cfg.batch_size, cfg.seed, info.pad_id)

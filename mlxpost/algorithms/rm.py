@@ -113,10 +113,7 @@ class RewardModel(Algorithm):
     def __init__(self, session: Session, cfg: RMConfig):
         self.session, self.cfg = session, cfg
         info = session.info
-        data = cfg.data or assets.default_data(self.command)
-        eval_data = cfg.eval_data or (
-            assets.default_data(f"{self.command}-eval") if not cfg.data else None
-        )
+        data, eval_data = assets.training_data(self.command, cfg.data, cfg.eval_data)
         tokenize = TokenizeConfig(max_length=cfg.max_length, on_too_long=cfg.on_too_long)
         self.train_pairs, train_examples = load_pairs(
             data, self.command, info.tokenizer, tokenize, session.say
