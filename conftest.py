@@ -23,11 +23,12 @@ def load_builder():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A folder holding tiny-gpt2/ and tiny-gemma2/ (random weights, chat-template tokenizer)."""
+    """A folder holding tiny-<arch>/ for every architecture of scripts/build_tiny_models.py
+    (random weights, chat-template tokenizer)."""
     pytest.importorskip("torch")  # the builder writes checkpoints with transformers
     builder = load_builder()
     root = tmp_path_factory.mktemp("tiny-models")
-    for arch in ("gpt2", "gemma2"):
+    for arch in builder.ARCHITECTURES:
         builder.build(arch, str(root / f"tiny-{arch}"))
     return root
 

@@ -1,10 +1,13 @@
-"""Build tiny random GPT-2 and Gemma-2 checkpoints for the parity tests.
+"""Build tiny random checkpoints of every supported architecture for the tests.
 
 Deterministic: the same seed writes the same weights. Each checkpoint is a
 transformers `save_pretrained` directory (config.json + model.safetensors) with
 a small byte-level BPE tokenizer, so both backends and transformers load it.
+Each switches on the options of its family that the defaults leave off
+(grouped-query attention, rope scaling, biases, q/k norms, untied heads,
+sliding windows shorter than the test sequences), so the parity tests see them.
 
-    python scripts/build_tiny_models.py --output /tmp/tiny
+    python scripts/build_tiny_models.py --output /tmp/tiny [--arch qwen3 ...]
 """
 
 from __future__ import annotations
@@ -15,11 +18,16 @@ import os
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
-    Gemma2ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
-    GPT2LMHeadModel,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 from mlxpost.templates import CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS
@@ -90,15 +98,136 @@ def gemma2_config(**overrides) -> Gemma2Config:
     return Gemma2Config(**values)
 
 
+# Shared sizes of the Llama-like families: 4 query heads over 2 kv heads (GQA).
+LLAMA_LIKE = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    # A large init makes biases, norms and windows matter in the logits.
+    initializer_range=0.2,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    # Llama 3.x: llama3 rope scaling, biases on, an untied head.
+    values = dict(
+        LLAMA_LIKE,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def mistral_config(**overrides) -> MistralConfig:
+    values = dict(LLAMA_LIKE, sliding_window=8, head_dim=24, tie_word_embeddings=False)
+    values.update(overrides)
+    return MistralConfig(**values)
+
+
+def qwen2_config(**overrides) -> Qwen2Config:
+    # q/k/v biases are always on; a sliding window on the layers from max_window_layers on.
+    values = dict(
+        LLAMA_LIKE,
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    return Qwen2Config(**values)
+
+
+def qwen3_config(**overrides) -> Qwen3Config:
+    # head_dim not hidden/heads, q/k RMSNorm, linear rope scaling.
+    values = dict(
+        LLAMA_LIKE,
+        head_dim=32,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        attention_bias=True,
+        tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    return Qwen3Config(**values)
+
+
+def gemma3_config(**overrides) -> Gemma3TextConfig:
+    # Interleaved local and global layers (pattern 3: two sliding, one global), separate
+    # local and global rope bases, linear scaling on the global layers, soft-capped logits.
+    values = dict(
+        LLAMA_LIKE,
+        num_hidden_layers=3,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        sliding_window_pattern=3,
+        rope_theta=100000.0,
+        rope_local_base_freq=1000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    )
+    values.update(overrides)
+    return Gemma3TextConfig(**values)
+
+
+def phi3_config(**overrides) -> Phi3Config:
+    # Fused qkv_proj and gate_up_proj; partial rotary and longrope as in Phi-4-mini, with an
+    # original context shorter than the test sequences so both factor sets are used.
+    head_dim = 16
+    rotary_pairs = int(head_dim * 0.75) // 2
+    values = dict(
+        LLAMA_LIKE,
+        sliding_window=12,
+        partial_rotary_factor=0.75,
+        original_max_position_embeddings=16,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(rotary_pairs)],
+            "long_factor": [1.0 + 0.5 * i for i in range(rotary_pairs)],
+        },
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return Phi3Config(**values)
+
+
+CONFIGS = {
+    "gpt2": gpt2_config,
+    "gemma2": gemma2_config,
+    "llama": llama_config,
+    "mistral": mistral_config,
+    "qwen2": qwen2_config,
+    "qwen3": qwen3_config,
+    "gemma3_text": gemma3_config,
+    "phi3": phi3_config,
+}
+ARCHITECTURES = tuple(CONFIGS)
+
+
 def build(arch: str, output: str, seed: int = 0, **overrides) -> str:
     """Write one tiny checkpoint (and its tokenizer) to `output`; returns the path."""
+    if arch not in CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(CONFIGS)}")
     torch.manual_seed(seed)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(gpt2_config(**overrides))
-    elif arch == "gemma2":
-        model = Gemma2ForCausalLM(gemma2_config(**overrides))
-    else:
-        raise ValueError(f"unknown architecture {arch!r}")
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch](**overrides))
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output)
     build_tokenizer(model.config.vocab_size).save_pretrained(output)
@@ -107,12 +236,13 @@ def build(arch: str, output: str, seed: int = 0, **overrides) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="directory to write tiny-<arch>/ into")
     parser.add_argument(
-        "--output", required=True, help="directory to write tiny-gpt2/ and tiny-gemma2/ into"
+        "--arch", action="append", choices=ARCHITECTURES, help="only these (default: all)"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for arch in ("gpt2", "gemma2"):
+    for arch in args.arch or ARCHITECTURES:
         path = build(arch, os.path.join(args.output, f"tiny-{arch}"), seed=args.seed)
         print(path)
 
