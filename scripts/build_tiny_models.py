@@ -209,6 +209,18 @@ def phi3_config(**overrides) -> Phi3Config:
     return Phi3Config(**values)
 
 
+def perturb_norms_and_biases(model) -> None:
+    """Random norm scales and biases: transformers initialises them to constants (ones or
+    zeros), under which a missing bias or q/k norm would not show in the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
+            elif "norm" in name:
+                centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+                param.normal_(centre, 0.3)
+
+
 CONFIGS = {
     "gpt2": gpt2_config,
     "gemma2": gemma2_config,
@@ -228,6 +240,8 @@ def build(arch: str, output: str, seed: int = 0, **overrides) -> str:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(CONFIGS)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[arch](**overrides))
+    if arch not in ("gpt2", "gemma2"):
+        perturb_norms_and_biases(model)
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output)
     build_tokenizer(model.config.vocab_size).save_pretrained(output)
