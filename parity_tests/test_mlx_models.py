@@ -1,4 +1,4 @@
-"""Parity of the MLX GPT-2 / Gemma-2 models against transformers (float32, eager attention).
+"""Parity of the MLX models of every architecture against transformers (float32, eager attention).
 
 Random tiny models are built with transformers, saved with save_pretrained and loaded through
 ``mlxpost.mlx_backend.models.common.load_model``.  Float32 comparisons use
@@ -107,11 +107,24 @@ def make_gemma2(path, seed=0, **overrides):
     return hf
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gemma2"])
-def pair(request, tmp_path_factory):
+# The Llama-like families come from scripts/build_tiny_models.py, which switches on their
+# non-default options (GQA, rope scaling, biases, q/k norms, windows of 8-12 tokens).
+LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gemma2", *LLAMA_LIKE])
+def pair(request, tmp_path_factory, tiny_builder):
     """(arch, transformers model, MLX model) built from the same random checkpoint."""
     path = tmp_path_factory.mktemp(request.param)
-    hf = (make_gpt2 if request.param == "gpt2" else make_gemma2)(path)
+    if request.param == "gpt2":
+        hf = make_gpt2(path)
+    elif request.param == "gemma2":
+        hf = make_gemma2(path)
+    else:
+        tiny_builder.build(request.param, str(path))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
     return request.param, hf, load_model(str(path)), path
 
 
@@ -294,7 +307,12 @@ def test_parameter_names_match_transformers(pair):
 
     arch, hf, model, _ = pair
     ours = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    tied = hf.config.tie_word_embeddings
+    theirs = {
+        k: tuple(v.shape)
+        for k, v in hf.state_dict().items()
+        if k != "lm_head.weight" or not tied  # a tied head reads the embedding
+    }
     assert ours == theirs
     assert isinstance(model.config, dict) and model.config["model_type"] == arch
 
@@ -309,9 +327,9 @@ def test_strict_loading_and_unknown_arch(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"h\.1\.mlp\.c_fc\.bias.*h\.0\.attn\.extra"):
         load_model(str(tmp_path))
-    with pytest.raises(ValueError, match="unsupported model_type 'llama'.*supported"):
-        build_model({"model_type": "llama"})
-    assert set(ARCHITECTURES) == {"gpt2", "gemma2"}
+    with pytest.raises(ValueError, match="unsupported model_type 'mamba'.*supported"):
+        build_model({"model_type": "mamba"})
+    assert set(ARCHITECTURES) == {"gpt2", "gemma2", *LLAMA_LIKE}
 
 
 def test_gemma2_old_config_and_custom_layer_types(tmp_path):
@@ -397,3 +415,90 @@ def test_float32_error_is_rounding(pair):
     our_err, their_err = np.abs(ours - ref64).max(), np.abs(ref32 - ref64).max()
     print(f"{arch} float64 referee: ours {our_err:.3e}, transformers float32 {their_err:.3e}")
     assert our_err <= 3 * their_err + 1e-7 * np.abs(ref64).max(), (our_err, their_err)
+
+
+# --------------------------------------------------------------------------- the families' options
+
+
+def _without(monkeypatch, what):
+    """Switch one option of the MLX decoder off, to show that the tiny checkpoints exercise it."""
+    from mlxpost.mlx_backend.models import decoder
+
+    if what == "sliding windows":
+        monkeypatch.setattr(
+            decoder, "layer_types", lambda cfg, family: ["full_attention"] * cfg.num_hidden_layers
+        )
+    elif what == "rope scaling":
+        real = decoder.inv_freq_and_scale
+
+        def plain(cfg, params, dim, long=False):
+            return real(cfg, {**params, "rope_type": "default"}, dim)
+
+        monkeypatch.setattr(decoder, "inv_freq_and_scale", plain)
+    elif what == "q/k norms":
+        real_init = decoder.Attention.__init__
+
+        def init(self, *args):
+            real_init(self, *args)
+            object.__setattr__(self, "_qk_norm", False)
+
+        monkeypatch.setattr(decoder.Attention, "__init__", init)
+
+
+@pytest.mark.parametrize(
+    "arch, what",
+    [
+        ("mistral", "sliding windows"),
+        ("qwen2", "sliding windows"),
+        ("gemma3_text", "sliding windows"),
+        ("phi3", "sliding windows"),
+        ("llama", "rope scaling"),
+        ("qwen3", "rope scaling"),
+        ("gemma3_text", "rope scaling"),
+        ("phi3", "rope scaling"),
+        ("qwen3", "q/k norms"),
+        ("gemma3_text", "q/k norms"),
+    ],
+)
+def test_family_options_bite(arch, what, tmp_path, tiny_builder, monkeypatch):
+    """Each option the tiny checkpoints switch on changes transformers' logits by far more than
+    rounding, so the parity tests above would see it missing (here: switched off in ours)."""
+    tiny_builder.build(arch, str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    ids, mask, pos = left_padded(np.random.default_rng(11), [30, 22], 30)
+    ref = hf_logits(hf, ids, mask, pos)[mask.astype(bool)]
+    _without(monkeypatch, what)
+    ours = mlx_logits(load_model(str(tmp_path)), ids, mask, pos)[mask.astype(bool)]
+    gap = np.abs(ours - ref).max()
+    print(f"{arch} without {what}: max abs diff {gap:.3e}")
+    assert gap > 100 * F32_RTOL * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
+def test_unimplemented_rope_type_is_an_error(rope_type, tmp_path, tiny_builder):
+    """A rope variant the MLX code does not implement fails loudly, not with wrong numbers."""
+    tiny_builder.build("llama", str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported"):
+        build_model(cfg)
+
+
+def test_phi3_long_rope_factors(tmp_path, tiny_builder):
+    """Past original_max_position_embeddings a forward uses longrope's long factors, as
+    transformers' does (the tiny checkpoint's original context is longer than the tests')."""
+    tiny_builder.build("phi3", str(tmp_path), original_max_position_embeddings=16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    model = load_model(str(tmp_path))
+    for total in (12, 30):  # the short factors, then the long ones
+        ids, mask, pos = left_padded(np.random.default_rng(12), [total, total - 4], total)
+        real = mask.astype(bool)
+        report(
+            f"phi3 longrope, {total} tokens",
+            mlx_logits(model, ids, mask, pos)[real],
+            hf_logits(hf, ids, mask, pos)[real],
+        )

@@ -1,16 +1,21 @@
 """MLX causal-LM architectures, keyed by config.json ``model_type``.
 
-We deliberately do not reuse mlx-lm's model code: it lacks sliding-window attention and
-per-row position ids, both needed to match transformers on padded batches.
+mlxpost runs its own model code rather than mlx-lm's: mlx-lm's models take one position
+offset per batch (no per-row positions, which left-padded batches need) and several of them
+leave sliding windows out; see README.md's architecture table for what was measured.
 """
 
 from __future__ import annotations
 
 import mlx.nn as nn
 
-from . import gemma2, gpt2
+from . import decoder, gemma2, gpt2
 
-ARCHITECTURES = {"gpt2": gpt2.Model, "gemma2": gemma2.Model}
+ARCHITECTURES = {
+    "gpt2": gpt2.Model,
+    "gemma2": gemma2.Model,
+    **{model_type: decoder.Model for model_type in decoder.FAMILIES},
+}
 
 
 def build_model(config: dict) -> nn.Module:

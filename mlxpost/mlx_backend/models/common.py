@@ -188,12 +188,15 @@ def normalise_keys(
 
     GPT-2: original OpenAI-style checkpoints have no ``transformer.`` prefix and may carry the
     non-parameter ``attn.bias`` / ``attn.masked_bias`` buffers; both layouts become
-    ``transformer.h.0.attn.c_attn.weight`` etc.  Gemma-2: base-model checkpoints lack ``model.``.
+    ``transformer.h.0.attn.c_attn.weight`` etc.  The others: base-model checkpoints lack
+    ``model.``.
     A tied ``lm_head.weight`` is dropped (the head reads the embedding).
     """
-    prefix = {"gpt2": "transformer.", "gemma2": "model."}.get(arch)
-    if prefix is None:
-        raise ValueError(f"unsupported model_type {arch!r}; supported: ['gemma2', 'gpt2']")
+    from . import ARCHITECTURES  # local import: models/__init__ imports this module
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported model_type {arch!r}; supported: {sorted(ARCHITECTURES)}")
+    prefix = "transformer." if arch == "gpt2" else "model."
     out = {}
     for key, value in weights.items():
         if key == "lm_head.weight":
