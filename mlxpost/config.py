@@ -90,7 +90,8 @@ class TrainConfig:
         BACKEND_CHOICES,
     )
     model: str | None = option(
-        None, "Local Hugging Face checkpoint directory; default: the bundled tiny model."
+        None,
+        "Local Hugging Face checkpoint directory, or a Hub id (org/name: from the Hugging Face cache, downloaded if missing); default: the bundled tiny model.",
     )
     data: str | None = option(
         None,
@@ -247,12 +248,30 @@ def changeable_on_resume(name: str) -> bool:
     return name in CHANGEABLE_ON_RESUME or name.startswith("eval_")
 
 
+# Options naming a Hugging Face checkpoint, which may also be given as a Hub id (mlxpost.hub).
+MODEL_OPTIONS = ("model", "reference", "teacher")
+
+
+def locate_models(values: dict) -> dict:
+    """`values` with each Hub id of a MODEL_OPTIONS entry replaced by its local snapshot."""
+    from mlxpost.hub import locate_model
+
+    return {
+        name: locate_model(value, flag_name(name))
+        if name in MODEL_OPTIONS and isinstance(value, str)
+        else value
+        for name, value in values.items()
+    }
+
+
 def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | None, command: str):
     """Flags given on the command line > YAML > dataclass defaults.
 
     With --resume, the run's own config.yaml takes the place of the defaults, and an
     option given again may differ from it only if `changeable_on_resume`; anything else
-    is refused before a file is read or written."""
+    is refused before a file is read or written. A Hub id given for a model is replaced by
+    its snapshot in the local Hugging Face cache (downloaded if need be) once the options
+    are valid, so the config, and the run's config.yaml, hold a local directory."""
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     given = {}
     if config_file:
@@ -269,6 +288,7 @@ def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | Non
         # What the run used: its config.yaml, and the defaults for anything it does not list.
         merged = {f.name: f.default for f in dataclasses.fields(config_cls) if f.init}
         merged.update(saved_options(config_cls, given.get("output"), command, names))
+        given = locate_models(given)  # the run recorded the snapshot directory
         changed = sorted(
             name
             for name, value in given.items()
@@ -281,7 +301,11 @@ def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | Non
                 "Only steps, save and evaluation cadence and the backend may change"
             )
     merged.update(given)
-    return config_cls(**merged)
+    config = config_cls(**merged)  # bounds are checked before anything is downloaded
+    located = locate_models({n: getattr(config, n) for n in MODEL_OPTIONS if n in names})
+    for name, value in located.items():
+        setattr(config, name, value)
+    return config
 
 
 def saved_options(config_cls, output: str | None, command: str, names: set[str]) -> dict:

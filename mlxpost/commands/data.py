@@ -35,7 +35,8 @@ def data():
     "model_path",
     type=click.Path(),
     default=None,
-    help="Checkpoint directory whose tokenizer counts tokens and applies the chat template.",
+    help="Checkpoint directory or Hugging Face Hub id (org/name) whose tokenizer counts tokens "
+    "and applies the chat template.",
 )
 @click.option("--split", default=None, help="Split of a DatasetDict or Hub dataset.")
 @click.option(
@@ -58,6 +59,7 @@ def data_check(path, command, model_path, split, max_length, as_json):
     import os
 
     from mlxpost.data import check_dataset, format_check_report
+    from mlxpost.hub import locate_model
     from mlxpost.tokenizer import load_tokenizer
 
     if max_length is not None:
@@ -65,6 +67,7 @@ def data_check(path, command, model_path, split, max_length, as_json):
             raise UserError("--max-length needs --model: lengths are counted in its tokens")
         if max_length < 2:
             raise UserError(f"--max-length must be at least 2, got {max_length}")
+    model_path = locate_model(model_path, "--model")
     if model_path and not os.path.isdir(model_path):
         # Checked here: AutoTokenizer would take a missing path for a Hub name.
         raise UserError(f"{model_path}: not found")
@@ -86,7 +89,8 @@ def data_check(path, command, model_path, split, max_length, as_json):
     "model_path",
     type=click.Path(),
     default=None,
-    help="Checkpoint directory to sample from; default: the bundled model.",
+    help="Checkpoint directory or Hugging Face Hub id (org/name) to sample from; default: the "
+    "bundled model.",
 )
 @click.option("--adapter", type=click.Path(), default=None, help="LoRA adapter to apply.")
 @click.option(
@@ -148,6 +152,7 @@ def data_pairs(
     from mlxpost.backend import SamplingConfig
     from mlxpost.commands import load_model_and_tokenizer
     from mlxpost.data import load_examples
+    from mlxpost.hub import locate_model
     from mlxpost.pairs import sample_pairs
     from mlxpost.rewards import RewardSet
 
@@ -170,6 +175,7 @@ def data_pairs(
     if seed < 0:
         raise UserError(f"--seed must be 0 or positive, got {seed}")
     reward_set = RewardSet.parse(rewards, reward_weights)
+    model_path = locate_model(model_path, "--model")
     _, examples = load_examples(path, "grpo")
     examples = examples[:limit] if limit else examples
     backend_, model, info = load_model_and_tokenizer(

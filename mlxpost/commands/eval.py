@@ -78,18 +78,20 @@ def task_config(task: str, config_class, options: dict):
 def parse_compare(spec: str, base_model: str) -> list[Entry]:
     """Entries of --compare: checkpoint directories, or adapter directories put on base_model."""
     from mlxpost.adapters import CONFIG_FILE
+    from mlxpost.hub import locate_model
 
     entries = []
     for item in spec.split(","):
         item = item.strip()
         if not item:
             raise UserError(f"--compare {spec!r}: empty entry; separate directories with commas")
-        if not os.path.isdir(item):
+        path = locate_model(item, "--compare")  # a Hub id: its cached snapshot
+        if not os.path.isdir(path):
             raise UserError(f"{item}: --compare entry not found")
-        if os.path.isfile(os.path.join(item, CONFIG_FILE)):
-            entries.append(Entry(item, base_model, item))
+        if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            entries.append(Entry(item, base_model, path))
         else:
-            entries.append(Entry(item, item, None))
+            entries.append(Entry(item, path, None))
     return entries
 
 
@@ -248,8 +250,8 @@ def echo_comparison(task: str, labels: list[str], reports: list[dict], chart: st
     "model_path",
     type=click.Path(),
     default=None,
-    help="Checkpoint directory; default: the bundled model. With --compare, the base of "
-    "adapter entries.",
+    help="Checkpoint directory or Hugging Face Hub id (org/name); default: the bundled model. "
+    "With --compare, the base of adapter entries.",
 )
 @click.option(
     "--adapter", type=click.Path(), default=None, help="PEFT LoRA adapter directory to apply."
@@ -356,8 +358,9 @@ def eval_command(
       mlxpost eval --task perplexity --model BASE --compare BASE,run1/adapter,run2/adapter
     """
     from mlxpost.assets import default_model
+    from mlxpost.hub import locate_model
 
-    model_path = model_path or default_model()
+    label = model_path or default_model()
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 (leave it out for all examples), got {limit}")
     if compare and adapter:
@@ -366,9 +369,8 @@ def eval_command(
         raise UserError("--chart applies with --compare only")
     config_class, load_data, _ = task_parts(task)
     cfg = task_config(task, config_class, options)  # option values before any file is read
-    entries = (
-        parse_compare(compare, model_path) if compare else [Entry(model_path, model_path, adapter)]
-    )
+    model_path = locate_model(label, "--model")  # a Hub id: its cached snapshot
+    entries = parse_compare(compare, model_path) if compare else [Entry(label, model_path, adapter)]
     for entry in entries:
         check_entry(entry)
     chart_path = chart_path or f"eval-compare-{task}.png"

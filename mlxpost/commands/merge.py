@@ -23,7 +23,8 @@ def _parse_weights(text: str | None) -> list[float] | None:
     "model_path",
     required=True,
     type=click.Path(),
-    help="Base checkpoint directory the adapter was trained on (GPT-2 or Gemma-2).",
+    help="Base checkpoint directory the adapter was trained on (GPT-2 or Gemma-2), or its "
+    "Hugging Face Hub id (org/name).",
 )
 @click.option("--adapter", required=True, type=click.Path(), help="PEFT LoRA adapter directory.")
 @click.option(
@@ -41,7 +42,10 @@ def merge(model_path, adapter, output, force):
     other non-weight files. The output appears whole or not at all: it is built
     in a temporary directory beside it, then renamed. Prints the output path.
     """
+    from mlxpost.hub import locate_model
     from mlxpost.merge import merge_adapter
+
+    model_path = locate_model(model_path, "--model")
 
     def announce():  # once the inputs are checked: an error is then the only line on stderr
         click.echo(f"merge: {adapter} into {model_path}", err=True)
@@ -74,7 +78,7 @@ def merge(model_path, adapter, output, force):
     "model_path",
     type=click.Path(),
     default=None,
-    help="Base checkpoint directory for --mode update.",
+    help="Base checkpoint directory (or Hugging Face Hub id) for --mode update.",
 )
 @click.option("--force", is_flag=True, help="Replace --output if it exists and is not empty.")
 def soup(inputs, output, weights, mode, model_path, force):
@@ -92,7 +96,11 @@ def soup(inputs, output, weights, mode, model_path, force):
 
     Prints the output path.
     """
+    from mlxpost.hub import locate_model
     from mlxpost.merge import soup as make_soup
+
+    if mode == "update":  # otherwise --model is refused below, not downloaded first
+        model_path = locate_model(model_path, "--model")
 
     def announce():  # once the inputs are checked: an error is then the only line on stderr
         click.echo(f"soup: {len(inputs)} inputs into {output}", err=True)

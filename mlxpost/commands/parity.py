@@ -21,7 +21,7 @@ GREEDY_PROMPT_TOKENS = 12
     "model_path",
     required=True,
     type=click.Path(),
-    help="Local Hugging Face checkpoint directory (GPT-2 or Gemma-2).",
+    help="Local Hugging Face checkpoint directory (GPT-2 or Gemma-2), or a Hub id (org/name).",
 )
 @click.option(
     "--adapter",
@@ -63,6 +63,7 @@ def parity(model_path, adapter, dtype, seq_len, batch_size, greedy_tokens, seed,
     tolerance (see `mlxpost.parity` for how tolerances follow from rounding).
     """
     from mlxpost.adapters import load_adapter
+    from mlxpost.hub import locate_model
     from mlxpost.model_dir import max_positions, read_config
     from mlxpost.parity import ParitySetup, default_seq_len, format_table, run_parity
 
@@ -74,6 +75,7 @@ def parity(model_path, adapter, dtype, seq_len, batch_size, greedy_tokens, seed,
     # Bad input is reported before any backend is imported.
     if adapter:
         load_adapter(adapter)
+    model_path = locate_model(model_path, "--model")
     config = read_config(model_path, tokenizer=False)  # parity feeds random token ids
     positions = max_positions(config)
     if seq_len is not None and not 2 <= seq_len <= (positions or seq_len):
