@@ -4,6 +4,12 @@ The prompt is rendered with the chat template and a generation prompt, the
 whole conversation without one, and the completion is what the second adds to
 the first. Templates that render a message differently once another follows
 it (e.g. dropping earlier reasoning) break that split, so it is checked.
+
+BOS: a chat template is followed (Llama 3's and Gemma's emit BOS themselves;
+a rendering that starts with it gets exactly one BOS id). Without a template
+(plain prompts, `template: random`, raw text), BOS is prepended where the
+tokenizer's own encoding prepends it (Llama, Mistral, Gemma), never for
+tokenizers without one (Qwen, GPT-2). EOS ends plain completions and texts.
 """
 
 from __future__ import annotations
@@ -76,6 +82,16 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's plain encoding (add_special_tokens=True) starts with its BOS,
+    as Llama's, Mistral's and Gemma's do."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
 class ChatEncoder:
     """Encodes examples with one tokenizer and template mode (see TokenizeConfig)."""
 
@@ -83,6 +99,9 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.config = config or TokenizeConfig()
         self.eos_id = tokenizer.eos_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self.bos_text = getattr(tokenizer, "bos_token", None) if self.bos_id is not None else None
+        self.plain_bos = adds_bos(tokenizer)
         self.use_template = self.config.template == "fixed" and has_chat_template(tokenizer)
         if self.config.template == "fixed" and not self.use_template:
             warnings.warn(
@@ -100,6 +119,22 @@ class ChatEncoder:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def rendered_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Ids of the template's rendering, BOS as the template writes it: one BOS id if the
+        rendering starts with the BOS text (however often), none otherwise."""
+        text = self.render(messages, add_generation_prompt)
+        if not self.bos_text or not text.startswith(self.bos_text):
+            return self.ids(text)
+        while text.startswith(self.bos_text):
+            text = text[len(self.bos_text) :]
+        return [self.bos_id] + self.ids(text)
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """BOS first where the tokenizer's own encoding puts it (plain text, no template)."""
+        if self.plain_bos and (not ids or ids[0] != self.bos_id):
+            return [self.bos_id] + ids
+        return ids
+
     def plain_prompt(self, messages: list[dict], index: int) -> str:
         body = "\n\n".join(message["content"] for message in messages)
         if self.config.template == "random":
@@ -115,8 +150,8 @@ class ChatEncoder:
 
     def prompt_ids(self, prompt_messages: list[dict], index: int = 0) -> list[int]:
         if self.use_template:
-            return self.ids(self.render(prompt_messages, add_generation_prompt=True))
-        return self.ids(self.plain_prompt(prompt_messages, index))
+            return self.rendered_ids(prompt_messages, add_generation_prompt=True)
+        return self.with_bos(self.ids(self.plain_prompt(prompt_messages, index)))
 
     def split(self, prompt_messages, completion_messages, index: int = 0):
         """(prompt ids, completion ids) of one prompt and completion."""
@@ -124,7 +159,7 @@ class ChatEncoder:
             completion = "\n".join(message["content"] for message in completion_messages)
             return self.prompt_ids(prompt_messages, index), self.with_eos(self.ids(completion))
         prompt = self.prompt_ids(prompt_messages, index)
-        full = self.ids(self.render(prompt_messages + completion_messages, False))
+        full = self.rendered_ids(prompt_messages + completion_messages, False)
         if full[: len(prompt)] != prompt:
             raise UserError(
                 f"example {index}: the chat template renders the prompt differently when a "
@@ -137,7 +172,7 @@ class ChatEncoder:
     def encode(self, example, index: int = 0) -> TokenizedExample:
         """A ChatExample or UnpairedExample as ids and a loss mask."""
         if getattr(example, "text", None) is not None:
-            ids = self.with_eos(self.ids(example.text))
+            ids = self.with_eos(self.with_bos(self.ids(example.text)))
             return TokenizedExample(ids, [0] + [1] * (len(ids) - 1), 0, index)
         prompt, completion = self.split(example.prompt_messages, example.completion_messages, index)
         return self.join(prompt, completion, index)
