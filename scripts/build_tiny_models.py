@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,6 +32,9 @@ from transformers import (
 )
 
 from mlxpost.templates import CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # loaded by path from tests too
+from tiny_tokenizers import save_family_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 320
 CORPUS = [
@@ -246,7 +250,7 @@ def build(arch: str, output: str, seed: int = 0, **overrides) -> str:
         perturb_norms_and_biases(model)
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output)
-    build_tokenizer(model.config.vocab_size).save_pretrained(output)
+    save_family_tokenizer(arch, model.config.vocab_size, output)
     return output
 
 
