@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,12 +15,14 @@ from mlxpost.tokenizer import TokenizerInfo
 
 
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation ending in the assistant's generation prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:  # no template: the plain concatenation the data pipeline also falls back to
-        text = "\n".join(m["content"] for m in messages) + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a conversation ending in the assistant's generation prompt, exactly as the
+    data pipeline encodes prompts (chat template, or the plain fallback with the tokenizer's
+    BOS where it adds one)."""
+    from mlxpost.data.tokenize import ChatEncoder
+
+    with warnings.catch_warnings():  # the data pipeline warns once about a missing template
+        warnings.simplefilter("ignore", UserWarning)
+        return ChatEncoder(tokenizer).prompt_ids(messages)
 
 
 @dataclass

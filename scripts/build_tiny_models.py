@@ -113,9 +113,10 @@ LLAMA_LIKE = dict(
     max_position_embeddings=256,
     # A large init makes biases, norms and windows matter in the logits.
     initializer_range=0.2,
+    # The ids of scripts/tiny_tokenizers.py: pad 0, end of turn 1, BOS (where any) 2.
     pad_token_id=0,
     eos_token_id=1,
-    bos_token_id=1,
+    bos_token_id=None,
 )
 
 
@@ -134,13 +135,22 @@ def llama_config(**overrides) -> LlamaConfig:
         attention_bias=True,
         mlp_bias=True,
         tie_word_embeddings=False,
+        bos_token_id=2,
     )
     values.update(overrides)
     return LlamaConfig(**values)
 
 
 def mistral_config(**overrides) -> MistralConfig:
-    values = dict(LLAMA_LIKE, sliding_window=8, head_dim=24, tie_word_embeddings=False)
+    # Mistral's tokenizer has no pad token (mlxpost pads with EOS).
+    values = dict(
+        LLAMA_LIKE,
+        sliding_window=8,
+        head_dim=24,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        pad_token_id=None,
+    )
     values.update(overrides)
     return MistralConfig(**values)
 
@@ -187,6 +197,7 @@ def gemma3_config(**overrides) -> Gemma3TextConfig:
         rope_scaling={"rope_type": "linear", "factor": 4.0},
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
+        bos_token_id=2,
     )
     values.update(overrides)
     return Gemma3TextConfig(**values)
@@ -196,14 +207,16 @@ def phi3_config(**overrides) -> Phi3Config:
     # Fused qkv_proj and gate_up_proj; partial rotary and longrope as in Phi-4-mini. The
     # original context (where the long factors take over) is longer than the test sequences,
     # as 4096 is for real prompts: a generation crossing it changes the rotation of later
-    # tokens only, so a cached decode no longer equals a full forward (in transformers too).
+    # tokens only, so a cached decode no longer equals a full forward, and the factors are
+    # chosen per forward call, so one long row switches its whole batch (in transformers too).
     head_dim = 16
     rotary_pairs = int(head_dim * 0.75) // 2
     values = dict(
         LLAMA_LIKE,
         sliding_window=12,
         partial_rotary_factor=0.75,
-        original_max_position_embeddings=128,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=512,
         rope_scaling={
             "rope_type": "longrope",
             "short_factor": [1.0 + 0.1 * i for i in range(rotary_pairs)],

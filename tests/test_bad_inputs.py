@@ -216,9 +216,9 @@ MODEL_CASES = [
         "{work}/nope: model directory not found",
     ),
     Case(
-        "model-hub-id-not-local",
+        "model-hub-id-not-cached",
         "eval --model foo/bar",
-        "foo/bar: model directory not found",
+        "--model foo/bar: not found",
         seconds=10,
     ),
     Case(

@@ -125,7 +125,8 @@ def test_text_perplexity_is_exp_of_hand_computed_nll(backend, tiny_dir, tmp_path
     )
     rows = []
     for text in texts:
-        ids = info.tokenizer(text, add_special_tokens=False)["input_ids"] + info.eos_ids[:1]
+        # The tokenizer's own encoding: with its BOS where it adds one (Gemma's does).
+        ids = info.tokenizer(text)["input_ids"] + info.eos_ids[:1]
         rows.append((ids, list(range(1, len(ids)))))  # every token but the first
     total, count = hand_nll(backend, model, rows)
     assert report["n"] == 3 and report["tokens"] == count
