@@ -24,9 +24,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # LoRA targets per architecture when the user names none: every attention and
 # MLP projection, as PEFT users commonly choose for small models.
+LLAMA_LIKE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGETS = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma2": LLAMA_LIKE_TARGETS,
+    "llama": LLAMA_LIKE_TARGETS,
+    "mistral": LLAMA_LIKE_TARGETS,
+    "qwen2": LLAMA_LIKE_TARGETS,
+    "qwen3": LLAMA_LIKE_TARGETS,
+    "gemma3_text": LLAMA_LIKE_TARGETS,
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),  # fused q/k/v and gate/up
 }
 
 

@@ -5,6 +5,10 @@ weight's own dtype, and the output keeps the base checkpoint's key names (with o
 `transformer.` / `model.`), so whatever loaded the base loads the result. Checkpoint tensors
 are read and written by a backend (`tensor_io`: torch if installed, else mlx; each backend's
 `checkpoint_io.py`), since numpy cannot hold bfloat16; this module imports neither framework.
+Non-weight files are copied as they are, except that a config.json stating its rope only in
+transformers 5's layout (`rope_parameters`) gains the same rope in the older layout
+(`rope_theta`, `rope_scaling`, Gemma-3's `rope_local_base_freq`): transformers 4 and mlx-lm
+read only those, and without them would silently use the default rope.
 
 Adapter soups come in two kinds. `factors` averages lora_A and lora_B separately and writes
 an adapter; since (Σ wᵢBᵢ)(Σ wⱼAⱼ) ≠ Σ wᵢBᵢAᵢ this is not the average of the updates, only a
@@ -15,6 +19,7 @@ init gives the same A for the same seed) and stayed close. `update` is exact: it
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,12 +33,19 @@ from safetensors.numpy import save_file
 from mlxpost.adapters import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, load_adapter
 from mlxpost.backend import Backend, BackendUnavailable, get_backend
 from mlxpost.errors import UserError
-from mlxpost.model_dir import read_config, read_safetensors_header, weight_files
+from mlxpost.model_dir import (
+    SUPPORTED_ARCHITECTURES,
+    body_prefix,
+    read_config,
+    read_json,
+    read_safetensors_header,
+    weight_files,
+)
 
 SOUP_MODES = ("factors", "update")
 MERGED_FILE = "model.safetensors"
 # Where each architecture's transformers model keeps its body; checkpoints may omit it.
-BODY_PREFIXES = {"gpt2": "transformer.", "gemma2": "model."}
+BODY_PREFIXES = {arch: body_prefix(arch) for arch in SUPPORTED_ARCHITECTURES}
 # GPT-2's Conv1D layers store their weight as (in, out), the transpose of nn.Linear. Decided
 # by name, not shape: c_proj is square, and an adapter's fan_in_fan_out is one flag for all
 # its modules.
@@ -130,11 +142,53 @@ def _output_dir(output_dir: str, force: bool, announce=None) -> Iterator[str]:
 
 
 def _copy_non_weight_files(source: str, destination: str) -> None:
+    """Every top-level file but the weights; config.json gains the old rope layout's keys
+    where it lacks them (old_rope_layout)."""
     for name in sorted(os.listdir(source)):
         path = os.path.join(source, name)
         stem = name.removesuffix(WEIGHT_INDEX_SUFFIX)
         if os.path.isfile(path) and not stem.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(path, os.path.join(destination, name))
+    config_path = os.path.join(destination, "config.json")
+    config = read_json(config_path)
+    old_layout = old_rope_layout(config)
+    if old_layout:
+        with open(config_path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({**config, **old_layout}, indent=2) + "\n")
+
+
+def old_rope_layout(config: dict) -> dict:
+    """The config.json keys that state `rope_parameters` (transformers 5) in the layout of
+    transformers 4 and mlx-lm; {} when config.json already has them, or has no rope, or a rope
+    the old layout cannot state (Gemma-3 with scaled sliding layers)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or not rope or {"rope_theta", "rope_scaling"} & set(config):
+        return {}
+    keys = {}
+    if config.get("model_type") == "gemma3_text":
+        full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+        if (
+            set(sliding) - {"rope_type", "type", "rope_theta"}
+            or sliding.get("rope_type", sliding.get("type", "default")) != "default"
+        ):
+            return {}
+        if "rope_theta" in sliding:
+            keys["rope_local_base_freq"] = sliding["rope_theta"]
+        rope = full
+    elif "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
+        keys["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if "rope_theta" in rope:
+        keys["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default" and not set(scaling) - {"rope_type", "type"}:
+        keys["rope_scaling"] = None
+    else:
+        scaling = {k: v for k, v in scaling.items() if k != "type"}
+        keys["rope_scaling"] = {**scaling, "rope_type": rope_type}
+        if config.get("model_type") == "phi3":  # as Phi-3's own: mlx-lm's reads `type` only
+            keys["rope_scaling"]["type"] = rope_type
+    return keys
 
 
 # --------------------------------------------------------------------------- adapters

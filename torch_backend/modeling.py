@@ -17,6 +17,11 @@ from mlxpost.errors import UserError, first_line
 from mlxpost.model_dir import read_config
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers' attention kernel per architecture, sdpa where not listed. Gemma-2 soft-caps its
+# attention logits, which only the eager kernel does (transformers refuses sdpa for it). On
+# every other architecture sdpa gives eager's logits to float32 rounding, left padding and
+# per-row positions included (tests/test_model_dir_architectures.py checks each tiny model).
+ATTENTION = {"gemma2": "eager"}
 
 
 @dataclass
@@ -42,8 +47,7 @@ class TorchModel:
 def load(path: str, dtype: str, device: torch.device) -> TorchModel:
     config = read_config(path, tokenizer=False)  # whole weights that fit config.json
     hf_logging.disable_progress_bar()  # mlxpost reports its own progress
-    # Gemma-2's attention soft-capping exists only in the eager kernel.
-    attn = "eager" if config["model_type"] == "gemma2" else "sdpa"
+    attn = ATTENTION.get(config["model_type"], "sdpa")
     try:
         module = AutoModelForCausalLM.from_pretrained(
             path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn
@@ -99,8 +103,10 @@ def logits_and_scores(model: TorchModel, input_ids: torch.Tensor, attention_mask
     policy's own trunk)."""
     hidden = hidden_states(model, input_ids, attention_mask)
     logits = model.module.lm_head(hidden)
-    cap = model.config.get("final_logit_softcapping")
-    if cap:  # Gemma-2 caps its logits after the head, as its forward does
+    # Gemma-2 and -3 cap their logits after the head, as their forward does (transformers'
+    # config, not config.json: Gemma-2's default cap applies when config.json leaves it out).
+    cap = getattr(model.module.config, "final_logit_softcapping", None)
+    if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits, model.score(hidden.float())[..., 0]
 
