@@ -89,3 +89,84 @@ def test_targets_match_last_component():
     assert adapters.select_modules(paths, ["c_proj"]) == paths[1:]
     with pytest.raises(adapters.AdapterError, match="no module matches"):
         adapters.select_modules(paths, ["q_proj"])
+
+
+# --------------------------------------------------------------------------- every architecture
+
+
+def report(what, actual, expected, rtol=1e-5):
+    """Assert |actual - expected| <= rtol * max(1, max|expected|) (float32 rounding noise)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    diff = np.abs(actual - expected).max()
+    atol = rtol * max(1.0, float(np.abs(expected).max()))
+    print(f"{what}: max abs diff {diff:.3e}, atol {atol:.3e}")
+    assert diff <= atol, f"{what}: max abs diff {diff:.3e} > atol {atol:.3e}"
+    return diff
+
+
+def trained_adapter(backend, model, directory, seed=0):
+    """Save the default-target adapter of mlxpost's torch backend with random, non-zero lora_B
+    (what training makes of the zero init), standing in for a trained one."""
+    from mlxpost.backend import DEFAULT_LORA_TARGETS
+
+    backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
+    assert model.lora_targets == DEFAULT_LORA_TARGETS[model.arch]
+    rng = np.random.default_rng(seed + 1)
+    lora_b = {
+        name: rng.normal(0.0, 0.05, size=value.shape).astype(np.float32)
+        for name, value in backend.parameters(model, trainable_only=True).items()
+        if ".lora_B." in name
+    }
+    backend.set_parameters(model, lora_b)
+    backend.save_adapter(model, str(directory))
+    return str(directory)
+
+
+@pytest.mark.parametrize(
+    "arch", ["gpt2", "gemma2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+)
+def test_adapter_of_every_architecture_gives_its_logits_in_peft(arch, tiny_dir, tmp_path):
+    """An adapter mlxpost saves loads in peft over transformers' model and gives the logits
+    the torch backend gives with it: a left-padded batch with per-row positions, longer than
+    the tiny sliding windows."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from mlxpost.backend import DEFAULT_LORA_TARGETS
+    from torch_backend.backend import TorchBackend
+    from torch_backend.modeling import positions
+
+    path = str(tiny_dir / f"tiny-{arch}")
+    backend = TorchBackend(device="cpu")
+    model = backend.load_model(path)
+    adapter = trained_adapter(backend, model, tmp_path / "adapter")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 320, size=(3, 20))
+    mask = np.ones_like(ids)
+    mask[1, :4], mask[2, :9] = 0, 0
+    ids = np.where(mask == 1, ids, 0)
+    ours = backend.token_logits(model, ids, mask)
+
+    config = json.loads((tmp_path / "adapter" / adapters.CONFIG_FILE).read_text())
+    assert config["target_modules"] == sorted(DEFAULT_LORA_TARGETS[arch])
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    targeted = {
+        name
+        for name, _ in base.named_modules()
+        if name.rsplit(".", 1)[-1] in DEFAULT_LORA_TARGETS[arch]
+    }
+    _, weights = adapters.load_adapter(adapter)  # an A and a B per targeted module
+    assert {name.rpartition(".lora_")[0] for name in weights} == targeted
+    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+    inputs = dict(input_ids=ids_t, attention_mask=mask_t, position_ids=positions(mask_t))
+    with torch.no_grad():
+        without = base(**inputs).logits.numpy()
+        wrapped = peft.PeftModel.from_pretrained(base, adapter).eval()
+        theirs = wrapped(**inputs).logits.numpy()
+    real = mask.astype(bool)
+    report(f"{arch} adapter: torch backend vs peft", ours[real], theirs[real])
+    # The adapter must matter, or the comparison proves nothing.
+    assert np.abs(theirs - without)[real].max() > 1e-2 * max(1.0, np.abs(theirs).max())

@@ -1,13 +1,15 @@
 """`mlxpost merge` / `soup`: merged checkpoints compute what base + adapter computes.
 
-Adapters are made by PEFT itself, with random (non-zero) lora_B, on tiny random GPT-2 and
-Gemma-2 checkpoints. Logits are compared with atol = 1e-5 * max(1, max|reference logit|),
-float32 rounding noise; run with -s to see the measured differences.
+Merges fold an adapter saved by mlxpost's torch backend (random, non-zero lora_B) into the
+tiny random checkpoint of every architecture; the result must give, in transformers, in
+mlxpost's MLX models and in mlx-lm, the logits of the torch backend (and of peft) with the
+adapter. Other adapters are made by PEFT itself. Logits are compared with atol = 1e-5 *
+max(1, max|reference logit|), float32 rounding noise; run with -s to see the measured
+differences.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -28,13 +30,12 @@ from mlxpost import merge as merging
 from mlxpost.adapters import AdapterError, load_adapter, save_adapter
 from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig, get_backend
 from mlxpost.errors import UserError
+from mlxpost.model_dir import SUPPORTED_ARCHITECTURES
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHS = ("gpt2", "gemma2")
-PREFIXES = {"gpt2": "transformer.", "gemma2": "model."}
+ARCHS = SUPPORTED_ARCHITECTURES
 F32_RTOL = 1e-5
-# Longer than Gemma-2's tiny sliding window (8), so windowed layers see the merged weights too.
-IDS = np.random.default_rng(0).integers(0, 320, size=(2, 12))
+# Longer than the tiny sliding windows (8 or 12), so windowed layers see the merged weights too.
+IDS = np.random.default_rng(0).integers(0, 320, size=(2, 16))
 
 
 def report(what, actual, expected, rtol=F32_RTOL):
@@ -47,24 +48,9 @@ def report(what, actual, expected, rtol=F32_RTOL):
     return diff
 
 
-def load_builder():
-    spec = importlib.util.spec_from_file_location(
-        "build_tiny_models", ROOT / "scripts" / "build_tiny_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def builder():
-    return load_builder()
-
-
-@pytest.fixture(scope="module")
-def tiny(builder, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: builder.build(arch, str(root / arch)) for arch in ARCHS}
+def tiny(tiny_dir):
+    return {arch: str(tiny_dir / f"tiny-{arch}") for arch in ARCHS}
 
 
 def hf_model(path):
@@ -96,6 +82,23 @@ def make_adapter(base_dir, output, arch, rank=4, alpha=8, seed=0):
     return str(output)
 
 
+def mlxpost_adapter(base_dir, output, seed=0):
+    """The default-target adapter of mlxpost's torch backend, with a random, non-zero lora_B
+    as training leaves it; returns (adapter directory, the backend's logits of IDS with it)."""
+    backend = get_backend("torch")
+    model = backend.load_model(base_dir)
+    backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    lora_b = {
+        name: rng.normal(0.0, 0.05, size=value.shape).astype(np.float32)
+        for name, value in backend.parameters(model, trainable_only=True).items()
+        if ".lora_B." in name
+    }
+    backend.set_parameters(model, lora_b)
+    backend.save_adapter(model, str(output))
+    return str(output), backend.token_logits(model, IDS, np.ones_like(IDS))
+
+
 def peft_logits(base_dir, adapter_dir):
     return logits_of(peft.PeftModel.from_pretrained(hf_model(base_dir), adapter_dir).eval())
 
@@ -108,39 +111,48 @@ def tensors_of(path):
 def merged(request, tiny, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(f"merged-{arch}")
-    adapter = make_adapter(tiny[arch], root / "adapter", arch)
+    adapter, reference = mlxpost_adapter(tiny[arch], root / "adapter")
     output = merging.merge_adapter(tiny[arch], adapter, str(root / "merged"))
     return {
         "arch": arch,
         "base": tiny[arch],
         "adapter": adapter,
         "output": output,
-        "reference": peft_logits(tiny[arch], adapter),
+        "reference": reference,  # the torch backend's, with the adapter
     }
 
 
 # --------------------------------------------------------------------------- merge
 
 
-def test_merged_checkpoint_matches_peft_in_transformers(merged):
+def test_merged_checkpoint_matches_the_adapter_in_transformers(merged):
     reference = merged["reference"]
+    ours = logits_of(hf_model(merged["output"]))
+    report(f"{merged['arch']} merged (transformers) vs torch backend + adapter", ours, reference)
     report(
-        f"{merged['arch']} merged vs PEFT (transformers)",
-        logits_of(hf_model(merged["output"])),
-        reference,
+        f"{merged['arch']} merged vs PEFT + adapter (transformers)",
+        ours,
+        peft_logits(merged["base"], merged["adapter"]),
     )
-    # The adapter must matter, or the comparison above proves nothing.
+    # The adapter must matter, or the comparisons above prove nothing.
     moved = np.abs(reference - logits_of(hf_model(merged["base"]))).max()
     assert moved > 1e3 * F32_RTOL * max(1.0, np.abs(reference).max())
 
 
-def test_merged_checkpoint_matches_peft_in_mlx(merged):
+def test_merged_checkpoint_matches_the_adapter_in_mlx(merged):
     mx = pytest.importorskip("mlx.core")
+    from mlxpost.mlx_backend.models import ARCHITECTURES
     from mlxpost.mlx_backend.models.common import load_model
 
+    if merged["arch"] not in ARCHITECTURES:
+        pytest.skip(f"mlxpost has no MLX {merged['arch']} model")
     model = load_model(merged["output"])
     logits = model.lm_logits(model(mx.array(IDS)))
-    report(f"{merged['arch']} merged in mlx vs PEFT", np.array(logits), merged["reference"])
+    report(
+        f"{merged['arch']} merged in mlx vs torch backend + adapter",
+        np.array(logits),
+        merged["reference"],
+    )
 
 
 def test_merged_directory_keeps_layout_and_files(merged):
@@ -148,15 +160,25 @@ def test_merged_directory_keeps_layout_and_files(merged):
     assert set(tensors_of(output)) == set(tensors_of(base))
     with safe_open(os.path.join(output, merging.MERGED_FILE), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
+    for name in ("generation_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (Path(output) / name).read_bytes() == (Path(base) / name).read_bytes()
+    # config.json is copied, with transformers 5's rope_parameters also stated in the old
+    # layout (rope_theta, rope_scaling) where the base states it in the new one only.
+    config = json.loads((Path(base) / "config.json").read_text())
+    old_layout = merging.old_rope_layout(config)
+    if old_layout:
+        assert json.loads((Path(output) / "config.json").read_text()) == {**config, **old_layout}
+    else:
+        assert (Path(output) / "config.json").read_bytes() == (
+            Path(base) / "config.json"
+        ).read_bytes()
     leftovers = [p for p in os.listdir(Path(output).parent) if ".tmp-" in p]
     assert not leftovers, leftovers
 
 
 def test_merge_into_checkpoint_without_body_prefix(merged, tmp_path):
-    """Original GPT-2 checkpoints lack `transformer.`, base Gemma-2 ones `model.`."""
-    prefix = PREFIXES[merged["arch"]]
+    """Original GPT-2 checkpoints lack `transformer.`, base-model checkpoints `model.`."""
+    prefix = merging.BODY_PREFIXES[merged["arch"]]
     base = tmp_path / "base"
     shutil.copytree(merged["base"], base)
     tensors = tensors_of(str(base))
@@ -248,6 +270,54 @@ def test_existing_output_needs_force(merged, tmp_path):
     assert tensors_of(str(output)).keys() == tensors_of(merged["output"]).keys()
 
 
+# --------------------------------------------------------------------------- mlx-lm
+
+# Architectures mlx-lm opens, each with (what of its tiny checkpoint mlx-lm does not implement,
+# turned off here; the longest sequence mlx-lm computes as transformers does). mlx-lm leaves
+# sliding windows out of Mistral, Qwen-2, Phi-3 and Gemma-2 (not Gemma-3): sequences no longer
+# than their tiny windows (8; Phi-3's 12). Its Qwen-3 has no attention biases (it refuses the
+# checkpoint), its Gemma-3 no final logit soft-cap, and its Phi-3 always rotates with the
+# long factors, which transformers uses only once the sequence passes
+# original_max_position_embeddings (hence 8 here, with sequences of 12).
+MLX_LM = {
+    "llama": ({}, 16),
+    "mistral": ({}, 8),
+    "qwen2": ({}, 8),
+    "qwen3": ({"attention_bias": False}, 16),
+    "gemma3_text": ({"final_logit_softcapping": None}, 16),
+    "phi3": ({"original_max_position_embeddings": 8}, 12),
+    "gemma2": ({}, 8),
+}
+
+
+@pytest.mark.parametrize("arch", MLX_LM)
+def test_merged_checkpoint_opens_in_mlx_lm(arch, tiny_builder, tmp_path):
+    """mlx_lm.load opens a merged checkpoint and computes transformers' logits (mlx-lm takes
+    no padding mask: one unpadded batch). The base is as transformers 5 saves it, its rope
+    in rope_parameters only, which mlx-lm does not read: the merge states it the old way too.
+    With -s, the difference on a sequence longer than the window is printed."""
+    mx = pytest.importorskip("mlx.core")
+    mlx_lm = pytest.importorskip("mlx_lm")
+    overrides, length = MLX_LM[arch]
+    base = tiny_builder.build(arch, str(tmp_path / "base"), **overrides)
+    assert "rope_theta" not in json.loads(Path(base, "config.json").read_text())
+    adapter, _ = mlxpost_adapter(base, tmp_path / "adapter")
+    output = merging.merge_adapter(base, adapter, str(tmp_path / "merged"))
+    model, _ = mlx_lm.load(output)
+    reference = hf_model(output)
+    rng = np.random.default_rng(1)
+    for size in (length, 24):
+        ids = rng.integers(2, 320, size=(2, size))
+        with torch.no_grad():
+            expected = reference(torch.tensor(ids)).logits.numpy()
+        logits = np.array(model(mx.array(ids)).astype(mx.float32))
+        if size == length:
+            report(f"{arch} merged: mlx-lm vs transformers, {size} tokens", logits, expected)
+        else:
+            diff = np.abs(logits - expected).max()
+            print(f"{arch} merged: mlx-lm vs transformers, {size} tokens: max abs diff {diff:.3e}")
+
+
 # --------------------------------------------------------------------------- soup
 
 
@@ -300,8 +370,8 @@ def test_update_soup_folds_exact_average_update(gpt2_adapters, tiny, tmp_path):
     report("update soup vs weights merged by hand", logits_of(hf_model(output)), logits_of(model))
 
 
-def test_checkpoint_soup_averages_every_tensor(builder, tiny, tmp_path):
-    other = builder.build("gpt2", str(tmp_path / "other"), seed=1)
+def test_checkpoint_soup_averages_every_tensor(tiny_builder, tiny, tmp_path):
+    other = tiny_builder.build("gpt2", str(tmp_path / "other"), seed=1)
     output = merging.soup([tiny["gpt2"], other], str(tmp_path / "soup"), weights=[1.0, 3.0])
     first, second, ours = tensors_of(tiny["gpt2"]), tensors_of(other), tensors_of(output)
     assert set(ours) == set(first)
@@ -363,9 +433,9 @@ def test_cli_merge_missing_adapter(tiny, tmp_path):
     assert_user_error(result, missing, "not found")
 
 
-def test_cli_merge_existing_output_then_force(merged, tmp_path):
+def test_cli_merge_existing_output_then_force(gpt2_adapters, tiny, tmp_path):
     (tmp_path / "file").write_text("x")
-    args = ["merge", "--model", merged["base"], "--adapter", merged["adapter"]]
+    args = ["merge", "--model", tiny["gpt2"], "--adapter", gpt2_adapters["a"]]
     args += ["--output", str(tmp_path)]
     assert_user_error(run_cli(*args), str(tmp_path), "--force")
     result = run_cli(*args, "--force")
