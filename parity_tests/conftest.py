@@ -1,7 +1,7 @@
 """Fixtures for the cross-backend tests.
 
-Tiny random GPT-2 and Gemma-2 checkpoints are built once per session by
-scripts/build_tiny_models.py. Point the suite at a real checkpoint too with
+Tiny random checkpoints of every supported architecture are built once per
+session by scripts/build_tiny_models.py. Point the suite at a real checkpoint too with
 `--parity-model DIR` or `MLXPOST_PARITY_MODEL=DIR` (several: comma-separated);
 those cases are skipped when neither is given.
 """
@@ -26,9 +26,14 @@ def real_checkpoints(config) -> list[str]:
     return [p for p in given.split(",") if p]
 
 
+# Every architecture of scripts/build_tiny_models.py: on tiny checkpoints each check,
+# multi-step training included, takes well under a second.
+ARCHITECTURES = ["gpt2", "gemma2", "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3"]
+
+
 def pytest_generate_tests(metafunc):
     if "checkpoint" in metafunc.fixturenames:
-        params = ["tiny-gpt2", "tiny-gemma2"] + real_checkpoints(metafunc.config)
+        params = [f"tiny-{arch}" for arch in ARCHITECTURES] + real_checkpoints(metafunc.config)
         metafunc.parametrize("checkpoint", params, indirect=True)
 
 

@@ -242,8 +242,8 @@ MODEL_CASES = [
     Case(
         "model-unknown-model-type",
         "sft --model {work}/model --steps 1 --output {work}/run",
-        "model_type 'llama' is not supported",
-        setup=lambda w: model_dir(w, config={"model_type": "llama"}),
+        "model_type 'bert' is not supported",
+        setup=lambda w: model_dir(w, config={"model_type": "bert"}),
     ),
     Case(
         "model-no-safetensors",

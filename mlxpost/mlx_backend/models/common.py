@@ -62,8 +62,15 @@ def attention(
     bias: mx.array,
     scale: float,
     softcap: float | None = None,
+    float32: bool = False,
 ) -> mx.array:
     """Eager attention in the order transformers uses; returns (B, H, T, D).
+
+    With `float32`, scores, softmax and the weighted sum are computed in float32 and rounded
+    once at the end, as torch's fused scaled_dot_product_attention kernels do; without it the
+    scores and probabilities are rounded to the activation dtype as transformers' eager
+    attention rounds them. The two agree in float32 and differ by rounding in half precision,
+    so each architecture uses the one its torch backend runs (README: architectures).
 
     q: (B, H, T, D); k, v: (B, KVH, S, D) with H a multiple of KVH (grouped-query attention:
     query head h reads kv head h // (H // KVH), like transformers' repeat_kv).  Scores are
@@ -72,6 +79,9 @@ def attention(
     """
     B, H, T, D = q.shape
     kvh = k.shape[1]
+    out_dtype = v.dtype
+    if float32:
+        q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
     rep = H // kvh
     # Group query heads under their kv head instead of materialising repeated k/v.
     qg = q.reshape(B, kvh, rep, T, D)  # (B, KVH, rep, T, D)
@@ -83,7 +93,7 @@ def attention(
     scores = scores.astype(mx.float32) + bias[:, :, None]  # bias (B, 1, 1, T, S)
     probs = mx.softmax(scores, axis=-1).astype(v.dtype)
     out = probs @ vg  # (B, KVH, rep, T, D)
-    return out.reshape(B, H, T, D)
+    return out.reshape(B, H, T, D).astype(out_dtype)
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
@@ -239,7 +249,11 @@ def load_model(model_dir: str, dtype=None) -> nn.Module:
         config = json.load(f)
     model = build_model(config)
     weights = normalise_keys(
-        config["model_type"], load_weights(model_dir), config.get("tie_word_embeddings", True)
+        # The model's own reading: transformers' default differs per family (tied for GPT-2
+        # and Gemma, untied for Llama, Mistral, Qwen and Phi-3).
+        config["model_type"],
+        load_weights(model_dir),
+        getattr(model, "tie_word_embeddings", True),
     )
     check_keys(model, weights)
     model.load_weights(list(weights.items()), strict=True)

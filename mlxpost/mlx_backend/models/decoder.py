@@ -239,7 +239,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KVH, S, D)
-        out = attention(q, k, v, bias, self.scale, self.softcap)  # (B, H, T, D)
+        # Soft-capped scores need transformers' eager kernel, whose roundings we follow; the
+        # torch backend runs every other family on sdpa, whose float32 arithmetic we follow.
+        out = attention(q, k, v, bias, self.scale, self.softcap, float32=self.softcap is None)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 

@@ -122,7 +122,7 @@ def _normalise_config(config: dict) -> dict:
     n = cfg["num_hidden_layers"]
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     if cfg.get("head_dim") is None:
-        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg["head_dim"] = 256  # transformers' default, not hidden / heads
     if cfg.get("query_pre_attn_scalar") is None:
         cfg["query_pre_attn_scalar"] = 256  # transformers' default
     if cfg.get("layer_types") is None:
