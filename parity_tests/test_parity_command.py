@@ -66,3 +66,36 @@ def test_parity_command_with_adapter(tiny_dir, backends, tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["ok"] is True
+
+
+# Checkpoints configured otherwise than the tiny ones of the session: the families' other
+# options (tied or untied heads, no rope scaling, no window, defaults left to transformers).
+VARIANTS = {
+    "llama-tied-plain-rope": ("llama", {"tie_word_embeddings": True, "rope_scaling": None}),
+    "mistral-no-window-mha": ("mistral", {"sliding_window": None, "num_key_value_heads": 4}),
+    "qwen2-no-window-untied": (
+        "qwen2",
+        {"use_sliding_window": False, "tie_word_embeddings": False},
+    ),
+    "qwen3-window-untied": (
+        "qwen3",
+        {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 0},
+    ),
+    "gemma3-default-pattern": ("gemma3_text", {"num_hidden_layers": 2, "rope_scaling": None}),
+    "phi3-full-rotary": ("phi3", {"partial_rotary_factor": 1.0, "rope_scaling": None}),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parity_in_process_on_other_configurations(variant, dtype, tiny_builder, tmp_path):
+    """`mlxpost parity` (its library entry point) passes on checkpoints built with other
+    options than the session's tiny ones."""
+    pytest.importorskip("mlx.core")
+    from mlxpost.parity import ParitySetup, run_parity
+
+    arch, overrides = VARIANTS[variant]
+    tiny_builder.build(arch, str(tmp_path), seed=3, **overrides)
+    report = run_parity(ParitySetup(model=str(tmp_path), dtype=dtype))
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert report["ok"] and not failed, failed
