@@ -14,6 +14,7 @@ import click
 from mlxpost.commands import fail
 from mlxpost.commands.data import data
 from mlxpost.commands.eval import eval_command
+from mlxpost.commands.export import export
 from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
 from mlxpost.commands.plot import plot
@@ -58,6 +59,7 @@ def main():
 
 for command in (sft, distill, grpo, ppo, rm, dpo, parity, eval_command, data, merge, soup, plot):
     main.add_command(command)
+main.add_command(export)
 
 if __name__ == "__main__":
     main()
