@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from mlxpost.backend import Samples, SamplingConfig
@@ -60,7 +61,11 @@ def sample(
     pad_id: int,
     seed: int,
     device: torch.device,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> Samples:
+    """Sample cfg.n completions per prompt. `on_token`, when given, is called after every
+    step with that step's (N,) int32 token row (pad_id in rows already finished), so a
+    caller can stream the tokens; it changes nothing sampled."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
@@ -89,6 +94,8 @@ def sample(
         logprobs.append(logp)
         live.append(~done)
         done = done | torch.isin(token, eos)
+        if on_token is not None:  # a device-to-host copy per step, only when streaming
+            on_token(token.cpu().numpy().astype(np.int32))
         if bool(done.all()) or step == budget - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

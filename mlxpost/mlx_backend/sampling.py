@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -54,7 +54,11 @@ def sample(
     eos_ids: Sequence[int],
     pad_id: int,
     seed: int,
+    on_token: Callable[[np.ndarray], None] | None = None,
 ) -> Samples:
+    """Sample cfg.n completions per prompt. `on_token`, when given, is called after every
+    step with that step's (N,) int32 token row (pad_id in rows already finished), so a
+    caller can stream the tokens; it changes nothing sampled."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
     ids, mask = mx.array(prompt_ids), mx.array(prompt_mask)
@@ -83,6 +87,8 @@ def sample(
         live.append(mx.logical_not(done))
         done = mx.logical_or(done, (token[:, None] == eos[None, :]).any(axis=-1))
         mx.eval(done, token, logp)
+        if on_token is not None:
+            on_token(np.array(token))
         if bool(done.all()) or step == budget - 1:
             break
         mask = mx.concatenate([mask, mx.ones_like(mask[:, :1])], axis=1)
