@@ -15,6 +15,7 @@ from mlxpost.commands import fail
 from mlxpost.commands.data import data
 from mlxpost.commands.eval import eval_command
 from mlxpost.commands.export import export
+from mlxpost.commands.generate import chat, generate
 from mlxpost.commands.merge import merge, soup
 from mlxpost.commands.parity import parity
 from mlxpost.commands.plot import plot
@@ -57,7 +58,22 @@ def main():
     """
 
 
-for command in (sft, distill, grpo, ppo, rm, dpo, parity, eval_command, data, merge, soup, plot):
+for command in (
+    sft,
+    distill,
+    grpo,
+    ppo,
+    rm,
+    dpo,
+    parity,
+    eval_command,
+    generate,
+    chat,
+    data,
+    merge,
+    soup,
+    plot,
+):
     main.add_command(command)
 main.add_command(export)
 
