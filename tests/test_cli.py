@@ -39,8 +39,8 @@ def test_directory_without_config(tmp_path):
 
 
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert_user_error(run_cli("parity", "--model", str(tmp_path)), "llama", "not supported", "gpt2")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert_user_error(run_cli("parity", "--model", str(tmp_path)), "bert", "not supported", "gpt2")
 
 
 def test_config_that_is_not_json(tmp_path):
