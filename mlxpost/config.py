@@ -19,6 +19,7 @@ import yaml
 
 from mlxpost.backend import BACKEND_CHOICES, DTYPES, LoraConfig, OptimConfig
 from mlxpost.errors import UserError
+from mlxpost.trackers import parse_report_to
 
 BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 _COMPARE = {
@@ -136,13 +137,22 @@ class TrainConfig:
         "Steps whose loss or gradient norm is NaN or inf are skipped (no update); after this many in a row the run stops with exit status 3.",
         ge=1,
     )
+    report_to: str = option(
+        "none",
+        "Also send metrics.jsonl's rows to trackers, comma-separated: tensorboard (event files in <run>/tensorboard), wandb (a run in <run>/wandb; offline unless WANDB_API_KEY is set or WANDB_MODE says otherwise), or none.",
+    )
+    wandb_project: str | None = option(
+        None,
+        "Weights & Biases project for --report-to wandb; default: $WANDB_PROJECT, else mlxpost.",
+    )
     resume: bool = option(
         False,
-        "Continue the run in --output from its newest checkpoint, with the settings in its config.yaml; options given again may change only what does not alter the model or data (steps, cadence, evaluation, backend).",
+        "Continue the run in --output from its newest checkpoint, with the settings in its config.yaml; options given again may change only what does not alter the model or data (steps, cadence, evaluation, backend, trackers).",
     )
 
     def __post_init__(self):
         validate(self)
+        parse_report_to(self.report_to)  # an unknown tracker name is refused before anything runs
         if self.batch_size % self.grad_accum:
             raise UserError(
                 f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}"
@@ -241,6 +251,8 @@ CHANGEABLE_ON_RESUME = (
     "output",
     "resume",
     "max_nonfinite_steps",
+    "report_to",
+    "wandb_project",
 )
 
 
@@ -298,7 +310,7 @@ def resolve(config_cls, ctx: click.Context, values: dict, config_file: str | Non
             was = ", ".join(f"{flag_name(n)} {merged[n]!r} (given {given[n]!r})" for n in changed)
             raise UserError(
                 f"{given['output']}: a resumed run keeps its settings; it was trained with {was}. "
-                "Only steps, save and evaluation cadence and the backend may change"
+                "Only steps, save and evaluation cadence, the backend and the trackers may change"
             )
     merged.update(given)
     config = config_cls(**merged)  # bounds are checked before anything is downloaded

@@ -6,6 +6,11 @@ checkpoint, `export(directory)`. Everything it draws at a step (data order,
 dropout, sampling) is seeded from (seed, step), so a resumed run repeats exactly
 what an uninterrupted one would have done.
 
+Each metrics row goes to the run's metrics.jsonl and to the trackers of `--report-to`
+(mlxpost.trackers). The progress bar on stderr shows the step, loss, the command's
+headline metric, tokens/s, peak memory and the ETA; when training ends, one summary says
+how the held-out figures moved and where the run and its curves are.
+
 The loop raises and never exits: `NonFiniteError` when steps keep producing
 NaN or inf (no non-finite checkpoint is ever written), `Interrupted` on Ctrl-C;
 the command layer maps them to exit statuses 3 and 130.
@@ -14,6 +19,7 @@ the command layer maps them to exit statuses 3 and 130.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,6 +38,7 @@ from mlxpost.errors import Interrupted, NonFiniteError, UserError
 from mlxpost.model_dir import max_positions, read_config
 from mlxpost.run import RunDir, load_arrays, save_arrays
 from mlxpost.tokenizer import TokenizerInfo, load_tokenizer
+from mlxpost.trackers import Reporter, Tracker, make_trackers, parse_report_to
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -71,9 +78,11 @@ class Session:
         info: TokenizerInfo,
         run: RunDir,
         scalar_head: bool = False,
+        trackers: list[Tracker] | None = None,
     ):
         self.command, self.cfg, self.info, self.run = command, cfg, info, run
         self.scalar_head = scalar_head
+        self.reporter = Reporter(trackers or (), self.say)
 
     def say(self, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
@@ -110,8 +119,8 @@ class Session:
 
 
 def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
-    """Validate the model directory and --output and load the tokenizer; nothing is written
-    and no framework is imported yet (see Session)."""
+    """Validate the model directory and --output, load the tokenizer and import the trackers'
+    libraries; nothing is written and no framework is imported yet (see Session)."""
     cfg.model = cfg.model or assets.default_model()
     cfg.output = cfg.output or default_output(command)
     limit = max_positions(read_config(cfg.model))  # bad input fails before a backend is imported
@@ -123,7 +132,8 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
         raise UserError(
             f"{cfg.output}: already trained for {latest[0]} steps; raise --steps to continue"
         )
-    return Session(command, cfg, load_tokenizer(cfg.model), run, scalar_head)
+    trackers = make_trackers(parse_report_to(cfg.report_to), cfg.wandb_project)
+    return Session(command, cfg, load_tokenizer(cfg.model), run, scalar_head, trackers)
 
 
 def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bool = False) -> str:
@@ -213,14 +223,21 @@ def train(session: Session, algorithm: Algorithm) -> dict:
         if start is None:
             session.say(f"{run.path}: no checkpoint yet, starting from step 0")
     progress = Progress(session, start or 0)
+    reporter = session.reporter
     try:
-        return progress.run(algorithm)
+        reporter.start(run.path, {"command": session.command, **to_dict(cfg)})
+        summary = progress.run(algorithm)
     except BaseException as err:
+        reporter.finish({}, failed=True)  # before a discard removes the trackers' files
         if progress.done == (start or 0) and not cfg.resume:
             run.discard()  # nothing was trained: leave no half-made run behind
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(progress.interrupted_message()) from None
         raise
+    reporter.finish(summary)
+    for line in progress.closing_lines(summary):
+        session.say(line)
+    return summary
 
 
 class Progress:
@@ -230,13 +247,25 @@ class Progress:
     def __init__(self, session: Session, start: int):
         self.session, self.start, self.done = session, start, start
         self.nonfinite_in_a_row = 0
+        self.eval_keys: list[str] = []  # what the algorithm's evaluations report
+        self.peak_memory_gb: float | None = None
+
+    def log(self, row: dict) -> None:
+        """One metrics row: metrics.jsonl, then the trackers."""
+        self.session.run.log(row)
+        self.session.reporter.log(row)
+
+    def evaluate(self, algorithm: Algorithm, step: int) -> dict:
+        figures = algorithm.evaluate(step)
+        self.eval_keys += [k for k in figures if k not in self.eval_keys]
+        return figures
 
     def run(self, algorithm: Algorithm) -> dict:
-        session, cfg, run = self.session, self.session.cfg, self.session.run
+        session, cfg = self.session, self.session.cfg
         if self.start == 0:
-            first = algorithm.evaluate(0)
+            first = self.evaluate(algorithm, 0)
             if first:
-                run.log({"step": 0, **first})
+                self.log({"step": 0, **first})
                 session.say(format_metrics("eval step 0", first))
         train_seconds, tokens = 0.0, 0.0
         record: dict = {}
@@ -259,14 +288,12 @@ class Progress:
                 record = {"step": step + 1, **metrics}
                 done = step + 1
                 if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
-                    last_eval = algorithm.evaluate(done)
+                    last_eval = self.evaluate(algorithm, done)
                     record.update(last_eval)
                     session.say(format_metrics(f"eval step {done}", last_eval))
-                run.log(record)
+                self.log(record)
                 self.done = done
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}"
-                )
+                bar.set_postfix(self.postfix(metrics), refresh=False)
                 bar.update(1)
                 self.check_finite(done, metrics)
                 if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
@@ -278,9 +305,45 @@ class Progress:
             "final": final,
             **{k: v for k, v in record.items() if k != "step"},
         }
-        run.write_summary(summary)
-        session.say(f"done: {final}")
+        session.run.write_summary(summary)
         return summary
+
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        """The progress bar's figures after the step count: loss, the headline metric,
+        tokens/s and peak memory (tqdm adds the ETA)."""
+        shown = {"loss": f"{metrics['loss']:.4f}"}
+        headline = next((k for k in STEP_HEADLINES if is_number(metrics.get(k))), None)
+        if headline:
+            shown[headline] = f"{metrics[headline]:.3f}"
+        shown["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+        peak = peak_memory_gb(metrics)
+        if peak is not None:
+            self.peak_memory_gb = max(peak, self.peak_memory_gb or 0.0)
+            shown["mem"] = f"{self.peak_memory_gb:.2f}G"
+        return shown
+
+    def closing_lines(self, summary: dict) -> list[str]:
+        """What training achieved and where to look: the held-out headline figures from the
+        first evaluation in metrics.jsonl to the last, the run directory, how to plot it."""
+        session, cfg = self.session, self.session.cfg
+        rows = session.run.metrics()
+        moved = []
+        for key in [k for k in EVAL_HEADLINES if k in self.eval_keys][:2] or self.eval_keys[:1]:
+            points = [(row["step"], row[key]) for row in rows if is_number(row.get(key))]
+            if len(points) > 1:
+                moved.append(
+                    f"{key} {points[0][1]:.4g} -> {points[-1][1]:.4g} "
+                    f"(step {points[0][0]} -> {points[-1][0]})"
+                )
+            elif points:
+                moved.append(f"{key} {points[0][1]:.4g} (step {points[0][0]})")
+        figures = f"; held-out {', '.join(moved)}" if moved else ""
+        memory = f"; peak memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb else ""
+        look = [f"curves: mlxpost plot {cfg.output}", *session.reporter.where()]
+        return [
+            f"{session.command} done at step {cfg.steps}{figures}{memory}",
+            f"run directory {cfg.output} (trained model: {summary['final']}); {'; '.join(look)}",
+        ]
 
     def check_finite(self, done: int, metrics: dict) -> None:
         """Stop after --max-nonfinite-steps steps in a row that skipped an update."""
@@ -307,6 +370,30 @@ class Progress:
             f"interrupted after step {self.done}; {where}; continue with: "
             f"mlxpost {self.session.command} --resume --output {cfg.output}"
         )
+
+
+# The step metric the progress bar shows next to the loss, the first a command reports:
+# GRPO's mean reward, PPO's mean score, the preference accuracy of rm and dpo.
+STEP_HEADLINES = ("reward", "score", "accuracy")
+# The held-out figures the closing summary follows (at most two, in this order).
+EVAL_HEADLINES = ("math_accuracy", "eval_accuracy", "eval_rm_score", "eval_loss")
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def peak_memory_gb(metrics: dict) -> float | None:
+    """The backend's `peak_memory_gb` metric if it reports one, else the process's resident
+    high-water mark (None where the platform has no getrusage)."""
+    if is_number(metrics.get("peak_memory_gb")):
+        return float(metrics["peak_memory_gb"])
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes / KiB
 
 
 def format_metrics(label: str, metrics: dict) -> str:
