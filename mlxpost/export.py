@@ -10,10 +10,14 @@ copied over the tokenizer's re-serialisation, so they are the checkpoint's own. 
 computes differently from transformers is said in a warning; what it cannot load is refused.
 
 `gguf`: one .gguf file that llama.cpp loads, written with the `gguf` package (llama.cpp's own
-Python writer) for the Llama family (llama; mistral as llama). Tensors take llama.cpp's names
-(`gguf.TensorNameMap`), the query and key projections llama.cpp's interleaved rotary layout,
-and the header the hyper-parameters llama.cpp reads; the tokenizer (byte-level BPE) is stored as
-metadata with its merges, special ids and chat template.
+Python writer) for llama (and mistral, as llama.cpp's llama), qwen2 and qwen3. Tensors take
+llama.cpp's names (`gguf.TensorNameMap`), the llama family's query and key projections
+llama.cpp's rotary layout (adjacent pairs), the header the hyper-parameters llama.cpp reads
+(llama3 rope scaling as its `rope_freqs` factors); the tokenizer (byte-level BPE, as
+transformers loads it) is stored as metadata with its merges, special ids, BOS flag, chat
+template and llama.cpp's name for its pre-tokenizer. On tiny checkpoints of each, llama.cpp
+(llama-cpp-python 0.3.36) computes transformers' logits to float32 rounding and tokenizes as
+transformers does (tests/test_export.py, where llama-cpp-python is installed).
 
 An adapter is first merged (mlxpost.merge) into a temporary checkpoint; the output is written
 in a staging directory beside --output and renamed into place, so an error leaves nothing
@@ -23,6 +27,7 @@ behind and an existing output is replaced only when everything has been written.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -53,7 +58,7 @@ MLX_DTYPES = ("float32", "float16", "bfloat16")
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_FILE = "model.gguf"
 # model_type -> llama.cpp's architecture, for the families mapped and checked here.
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp's architectures that rotate adjacent pairs of a head's dimensions, where
 # transformers rotates dimension j with j + head_dim/2: their q and k rows are reordered.
 GGUF_PERMUTED = frozenset({"llama"})
@@ -102,12 +107,14 @@ def export_model(
     config = read_config(model_dir)
     if fmt == "mlx":
         _check_mlx_options(quantize, group_size, dtype)
+        _import_mlx_lm()
         warnings = mlx_lm_limits(model_dir, config)
     else:
         if quantize is not None or dtype is not None:
             raise UserError("--quantize and --dtype apply to --format mlx; use --outtype for gguf")
         if outtype not in GGUF_OUTTYPES:
             raise UserError(f"--outtype {outtype!r}: choose one of {', '.join(GGUF_OUTTYPES)}")
+        _import_gguf()
         warnings = gguf_limits(model_dir, config)
     if adapter_dir:
         from mlxpost.adapters import load_adapter
@@ -341,6 +348,11 @@ def gguf_limits(model_dir: str, config: dict) -> list[str]:
             f"{config_path}: --format gguf supports model_type {', '.join(GGUF_ARCHITECTURES)}, "
             f"not {arch} (--format mlx takes every supported architecture)"
         )
+    if arch == "qwen3" and config.get("attention_bias"):
+        raise UserError(
+            f"{config_path}: llama.cpp's qwen3 model has no attention biases, and "
+            "attention_bias is true"
+        )
     rope = rope_settings(config_path, config)
     if rope["rope_type"] not in ("default", "linear", "llama3"):
         raise UserError(
@@ -350,11 +362,11 @@ def gguf_limits(model_dir: str, config: dict) -> list[str]:
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{config_path}: partial rotary embeddings are not exported to GGUF")
     warnings = []
-    if _pre_tokenizer_name(_gguf_tokenizer_kind(model_dir)) is None:
+    if _pre_tokenizer_name(_gguf_tokenizer(model_dir)) is None:
         warnings.append(
-            f"{model_dir}/tokenizer.json: its pre-tokenizer is not one llama.cpp is known here to "
-            "split text as (GPT-2's, Llama 3's, Qwen2's): llama.cpp will use its default, so "
-            "text may tokenize differently (token ids given directly are unaffected)"
+            f"{model_dir}: the tokenizer splits text otherwise than the pre-tokenizers llama.cpp "
+            "is known here to match (GPT-2's, Llama 3's, Qwen2's): llama.cpp will use its "
+            "default, so text may tokenize differently (token ids given directly are unaffected)"
         )
     window, layers = windowed_layers(config)
     if layers:
@@ -365,23 +377,26 @@ def gguf_limits(model_dir: str, config: dict) -> list[str]:
     return warnings
 
 
-def _gguf_tokenizer_kind(model_dir: str) -> dict:
-    """tokenizer.json, when it is byte-level BPE (GGUF's `gpt2` tokenizer model)."""
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{model_dir}: --format gguf needs a tokenizer.json (byte-level BPE)")
-    tokenizer = read_json(path)
-    model, decoder = tokenizer.get("model") or {}, tokenizer.get("decoder") or {}
+def _gguf_tokenizer(model_dir: str) -> dict:
+    """The tokenizer as transformers loads it (its class may set its own pre-tokenizer and
+    normalizer over tokenizer.json's, as Qwen2's does), in tokenizer.json's layout, when it is
+    byte-level BPE (GGUF's `gpt2` tokenizer model)."""
+    from mlxpost.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir).tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = json.loads(backend.to_str()) if backend is not None else {}
+    model, decoder = state.get("model") or {}, state.get("decoder") or {}
     if (
         model.get("type") != "BPE"
         or model.get("byte_fallback")
         or decoder.get("type") != "ByteLevel"
     ):
         raise UserError(
-            f"{path}: --format gguf exports byte-level BPE tokenizers only (this one is "
+            f"{model_dir}: --format gguf exports byte-level BPE tokenizers only (this one is "
             f"{model.get('type')} with a {decoder.get('type')} decoder)"
         )
-    return tokenizer
+    return state
 
 
 # The regexes Llama 3's and Qwen2's tokenizers split text with before byte-level BPE, and
@@ -406,7 +421,7 @@ def _pre_tokenizer_name(tokenizer: dict) -> str | None:
         return None
     pre = tokenizer.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if (
         steps
@@ -588,7 +603,7 @@ def _add_tokenizer(writer, gguf, source: str, vocab_size: int) -> None:
     """The tokenizer as GGUF metadata: every token by id (types: control for special added
     tokens, user-defined for other added ones, unused padding up to the model's vocabulary),
     then gguf's SpecialVocab for the merges, special ids, add-BOS flag and chat template."""
-    tokenizer = _gguf_tokenizer_kind(source)
+    tokenizer = _gguf_tokenizer(source)
     by_id = {int(i): token for token, i in tokenizer["model"]["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in by_id}
     for added in tokenizer.get("added_tokens") or []:

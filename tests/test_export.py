@@ -222,6 +222,8 @@ LAYER_NAMES = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
@@ -338,7 +340,8 @@ def test_gguf_llama_metadata(llama_gguf):
     tokenizer = load_tokenizer(llama_gguf["base"]).tokenizer
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt2"
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
     assert len(tokens) == config["vocab_size"]
     assert tokens == [tokenizer.convert_ids_to_tokens(i) for i in range(config["vocab_size"])]
     types = field(reader, "tokenizer.ggml.token_type")
@@ -387,11 +390,105 @@ def test_llama_cpp_permutation_is_its_rotary_layout():
         )
 
 
-def test_gguf_refuses_what_it_cannot_map(tiny_dir, tiny_builder, tmp_path):
+@pytest.fixture(scope="module")
+def qwen_ggufs(tiny_dir, tiny_builder, tmp_path_factory):
+    """f32 GGUF exports of the tiny Qwen2 (q/k/v biases, windows, tied head; its tokenizer
+    class splits digits one by one) and of a tiny Qwen3 without attention biases (q/k norms,
+    head_dim 32 with hidden 64, linear rope scaling), and their checkpoints."""
     pytest.importorskip("gguf")
-    for arch in ("gpt2", "qwen2", "gemma2", "phi3"):
-        with pytest.raises(UserError, match=f"supports model_type llama, mistral, not {arch}"):
+    root = tmp_path_factory.mktemp("qwen-gguf")
+    bases = {
+        "qwen2": str(tiny_dir / "tiny-qwen2"),
+        "qwen3": tiny_builder.build("qwen3", str(root / "qwen3"), attention_bias=False),
+    }
+    return {
+        arch: (
+            base,
+            exporting.export_model(
+                base, str(root / f"{arch}-gguf"), "gguf", outtype="f32", warn=quiet
+            ),
+        )
+        for arch, base in bases.items()
+    }
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_gguf_qwen_reads_back(arch, qwen_ggufs):
+    """llama.cpp's Qwen models rotate as transformers does: no row reordering."""
+    base, output = qwen_ggufs[arch]
+    reader, tensors = gguf_tensors(os.path.join(output, exporting.GGUF_FILE))
+    checkpoint = {k: v.numpy() for k, v in load_file(f"{base}/model.safetensors").items()}
+    assert "lm_head.weight" not in checkpoint  # tied: llama.cpp reads token_embd
+    assert set(tensors) == {gguf_name(k) for k in checkpoint}
+    for key, expected in checkpoint.items():
+        assert np.array_equal(tensors[gguf_name(key)][0], expected), key
+    config = json.loads(Path(base, "config.json").read_text())
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.attention.key_length") == config.get("head_dim", 16)
+    assert field(reader, f"{arch}.attention.head_count_kv") == config["num_key_value_heads"]
+    pre = {"qwen2": "qwen2", "qwen3": "gpt-2"}[arch]  # as transformers loads each
+    assert field(reader, "tokenizer.ggml.pre") == pre
+    if arch == "qwen3":
+        assert field(reader, "qwen3.rope.scaling.type") == "linear"
+        assert field(reader, "qwen3.rope.scaling.factor") == 2.0
+
+
+def test_gguf_in_llama_cpp(llama_gguf, qwen_ggufs, tiny_dir, tmp_path):
+    """Where llama-cpp-python is installed: llama.cpp computes transformers' logits from the
+    exports (float32 weights and KV cache; within the sliding windows it lacks) and tokenizes
+    text as transformers does, BOS included."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    transformers = pytest.importorskip("transformers")
+    from mlxpost.tokenizer import load_tokenizer
+
+    mistral = exporting.export_model(
+        str(tiny_dir / "tiny-mistral"),
+        str(tmp_path / "mistral"),
+        "gguf",
+        outtype="f32",
+        warn=quiet,
+    )
+    cases = {  # checkpoint, export, longest sequence compared
+        "llama": (llama_gguf["merged"], llama_gguf["outputs"]["f32"], 16),
+        "mistral": (str(tiny_dir / "tiny-mistral"), mistral, 8),
+        "qwen2": (*qwen_ggufs["qwen2"], 8),
+        "qwen3": (*qwen_ggufs["qwen3"], 16),
+    }
+    text = "Hello world's 12345 numbers\n\n  spaces\tand \u00fcn\u00efc\u00f6d\u00e9 3.14 DON'T"
+    for arch, (checkpoint, output, length) in cases.items():
+        ids = RNG.integers(4, 320, size=length).tolist()
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+        llm = llama_cpp.Llama(
+            os.path.join(output, exporting.GGUF_FILE),
+            n_ctx=64,
+            logits_all=True,
+            n_threads=1,
+            type_k=0,
+            type_v=0,
+            verbose=False,
+        )
+        llm.eval(ids)
+        report(f"{arch} gguf in llama.cpp vs transformers", np.array(llm.scores[:length]), expected)
+        tokenizer = load_tokenizer(checkpoint).tokenizer
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == tokenizer(text, add_special_tokens=False)["input_ids"]
+        ), arch
+        assert llm.tokenize(b"hi", add_bos=True) == tokenizer("hi")["input_ids"], arch
+        llm.close()
+
+
+def test_gguf_refuses_what_it_cannot_map(tiny_dir, tmp_path):
+    pytest.importorskip("gguf")
+    for arch in ("gpt2", "gemma2", "gemma3_text", "phi3"):
+        with pytest.raises(
+            UserError, match=f"supports model_type llama, mistral, qwen2, qwen3, not {arch}"
+        ):
             exporting.export_model(str(tiny_dir / f"tiny-{arch}"), str(tmp_path / "o"), "gguf")
+    with pytest.raises(UserError, match="llama.cpp's qwen3 model has no attention biases"):
+        exporting.export_model(str(tiny_dir / "tiny-qwen3"), str(tmp_path / "o"), "gguf")
     window = exporting.gguf_limits(
         str(tiny_dir / "tiny-mistral"),
         json.loads((tiny_dir / "tiny-mistral" / "config.json").read_text()),
@@ -438,7 +535,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path):
     out = str(tmp_path / "out")
     assert_user_error(
         run_cli("export", "--model", gpt2, "--format", "gguf", "--output", out),
-        "--format gguf supports model_type llama, mistral, not gpt2",
+        "--format gguf supports model_type llama, mistral, qwen2, qwen3, not gpt2",
     )
     assert_user_error(
         run_cli(

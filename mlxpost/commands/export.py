@@ -62,8 +62,8 @@ def export(model_path, adapter, fmt, output, quantize, group_size, dtype, outtyp
     \b
     --format mlx   a directory that mlx_lm.load opens (written by mlx-lm itself),
                    optionally quantized (--quantize 4|8, --group-size).
-    --format gguf  OUTPUT/model.gguf for llama.cpp (llama and mistral checkpoints with
-                   a byte-level BPE tokenizer), f32, f16, bf16 or q8_0.
+    --format gguf  OUTPUT/model.gguf for llama.cpp (llama, mistral, qwen2, qwen3 with a
+                   byte-level BPE tokenizer), --outtype f32, f16, bf16 or q8_0.
 
     Where the engine computes otherwise than transformers (a sliding window it lacks,
     a soft-cap it skips) a warning says so; what it cannot load is refused. The output
