@@ -354,10 +354,16 @@ def gguf_limits(model_dir: str, config: dict) -> list[str]:
             "attention_bias is true"
         )
     rope = rope_settings(config_path, config)
-    if rope["rope_type"] not in ("default", "linear", "llama3"):
+    # llama3 scaling travels as rope_freqs, checked in llama.cpp's llama only.
+    ropes = (
+        ("default", "linear", "llama3")
+        if GGUF_ARCHITECTURES[arch] == "llama"
+        else ("default", "linear")
+    )
+    if rope["rope_type"] not in ropes:
         raise UserError(
             f"{config_path}: rope type {rope['rope_type']!r} is not exported to GGUF for {arch} "
-            "(default, linear and llama3 are)"
+            f"({', '.join(ropes)} are)"
         )
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise UserError(f"{config_path}: partial rotary embeddings are not exported to GGUF")

@@ -489,6 +489,12 @@ def test_gguf_refuses_what_it_cannot_map(tiny_dir, tmp_path):
             exporting.export_model(str(tiny_dir / f"tiny-{arch}"), str(tmp_path / "o"), "gguf")
     with pytest.raises(UserError, match="llama.cpp's qwen3 model has no attention biases"):
         exporting.export_model(str(tiny_dir / "tiny-qwen3"), str(tmp_path / "o"), "gguf")
+    qwen2 = json.loads((tiny_dir / "tiny-qwen2" / "config.json").read_text())
+    qwen2["rope_parameters"] = {
+        **json.loads((tiny_dir / "tiny-llama" / "config.json").read_text())["rope_parameters"]
+    }
+    with pytest.raises(UserError, match="rope type 'llama3' is not exported to GGUF for qwen2"):
+        exporting.gguf_limits(str(tiny_dir / "tiny-qwen2"), qwen2)
     window = exporting.gguf_limits(
         str(tiny_dir / "tiny-mistral"),
         json.loads((tiny_dir / "tiny-mistral" / "config.json").read_text()),
