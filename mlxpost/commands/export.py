@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from mlxpost.assets import default_model
 from mlxpost.errors import UserError
 from mlxpost.export import DEFAULT_GROUP_SIZE, FORMATS, GGUF_OUTTYPES, MLX_DTYPES
 
@@ -12,9 +13,9 @@ from mlxpost.export import DEFAULT_GROUP_SIZE, FORMATS, GGUF_OUTTYPES, MLX_DTYPE
 @click.option(
     "--model",
     "model_path",
-    required=True,
+    default=None,
     type=click.Path(),
-    help="Checkpoint directory, or its Hugging Face Hub id (org/name).",
+    help="Checkpoint directory, or its Hugging Face Hub id (org/name); default: the bundled model.",
 )
 @click.option(
     "--adapter",
@@ -75,7 +76,7 @@ def export(model_path, adapter, fmt, output, quantize, group_size, dtype, outtyp
     source = click.get_current_context().get_parameter_source("outtype")
     if fmt == "mlx" and source is not click.core.ParameterSource.DEFAULT:
         raise UserError("--outtype applies to --format gguf; use --quantize or --dtype for mlx")
-    model_path = locate_model(model_path, "--model")
+    model_path = locate_model(model_path or default_model(), "--model")
 
     def announce():  # once the inputs are checked: an error is then the only line on stderr
         click.echo(f"export: {model_path} to {fmt} in {output}", err=True)
