@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from mlxpost import assets
 from mlxpost.backend import Backend, get_backend
+from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.config import TrainConfig, default_output, to_dict
 from mlxpost.errors import Interrupted, NonFiniteError, UserError
 from mlxpost.model_dir import max_positions, read_config
@@ -283,6 +284,9 @@ class Progress:
                 seconds = time.perf_counter() - began
                 train_seconds += seconds  # evaluation time is not training speed
                 metrics["step_seconds"] = seconds
+                peak = session.backend.peak_memory_gb()
+                if peak is not None:
+                    metrics["peak_memory_gb"] = peak
                 tokens += metrics.get("tokens", 0.0)
                 metrics["tokens_per_second"] = tokens / max(train_seconds, 1e-9)
                 record = {"step": step + 1, **metrics}
@@ -388,12 +392,7 @@ def peak_memory_gb(metrics: dict) -> float | None:
     high-water mark (None where the platform has no getrusage)."""
     if is_number(metrics.get("peak_memory_gb")):
         return float(metrics["peak_memory_gb"])
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes / KiB
+    return process_peak_memory_gb()
 
 
 def format_metrics(label: str, metrics: dict) -> str:

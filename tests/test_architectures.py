@@ -85,6 +85,7 @@ def test_every_training_command_runs(arch, backend, tiny_dir, small_data, tmp_pa
         rows = [row for row in read_metrics(out) if "loss" in row]
         assert [row["step"] for row in rows] == [1, 2], command
         assert all(math.isfinite(row["loss"]) for row in rows), (command, rows)
+        assert all(row["peak_memory_gb"] > 0 for row in rows), (command, rows)
         assert (out / "final" / "adapter_model.safetensors").is_file(), command
         if command == "sft":
             check_perplexity_in_peft(model, backend, str(out / "final"), small_data["text-eval"])

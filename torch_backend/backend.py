@@ -10,6 +10,7 @@ import torch
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
+from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.functional import token_logprobs
 from torch_backend import checkpoint_io, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
@@ -63,6 +64,11 @@ class TorchBackend:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return f"torch {torch.__version__} on {name}"
+
+    def peak_memory_gb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return process_peak_memory_gb()
 
     # ---- conversion ----
     def tensor(self, array: np.ndarray) -> torch.Tensor:

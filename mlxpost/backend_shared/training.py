@@ -5,6 +5,7 @@ accumulation, and skipping updates whose loss or gradient is not finite."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 
 from mlxpost.backend import OptimConfig
@@ -57,3 +58,14 @@ def finite_update(
         "learning_rate": lr,
         "nonfinite_updates": float(not finite),
     }
+
+
+def process_peak_memory_gb() -> float | None:
+    """The process's resident high-water mark in GB (2**30 bytes); None where the platform
+    has no getrusage."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes / KiB

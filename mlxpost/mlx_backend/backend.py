@@ -63,6 +63,10 @@ class MLXBackend:
     def describe(self) -> str:
         return f"mlx {mx.__version__} on {mx.default_device()}"
 
+    def peak_memory_gb(self) -> float:
+        """The allocator's peak, which holds on the CPU build the arrays Metal would."""
+        return mx.get_peak_memory() / 2**30
+
     # ---- conversion ----
     @staticmethod
     def array(value: np.ndarray) -> mx.array:
