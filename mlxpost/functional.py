@@ -102,13 +102,15 @@ def prediction_mask(attention_mask):
     """Numpy 0/1 mask of tokens that have a real predecessor to be predicted from.
 
     The first real token of a row has no prediction (its column holds a value
-    computed from a padding position), so it never counts in a loss.
+    computed from a padding position), so it never counts in a loss. A packed row's
+    attention mask holds segment ids (0 padding, k the k-th example): the first token of
+    each segment has no predecessor in its own example and does not count either.
     """
     import numpy as np
 
     mask = np.asarray(attention_mask).astype(np.int32)
     out = np.zeros_like(mask)
-    out[:, 1:] = mask[:, 1:] * mask[:, :-1]
+    out[:, 1:] = (mask[:, 1:] > 0) & (mask[:, 1:] == mask[:, :-1])
     return out
 
 

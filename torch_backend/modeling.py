@@ -70,8 +70,56 @@ def load(path: str, dtype: str, device: torch.device) -> TorchModel:
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids counting real tokens only, so left padding does not shift positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    """Position ids counting real tokens only, so left padding does not shift positions; in a
+    packed row (segment ids in the mask) they restart at 0 on each segment's first token.
+    Padding takes the position of the real token before it (0 before any)."""
+    segments = attention_mask.long()
+    count = (segments > 0).long().cumsum(-1)  # real tokens up to t
+    seen = segments.cummax(-1).values
+    previous = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1]], dim=-1)
+    starts = segments > previous  # each segment's first token (one per row with a 0/1 mask)
+    before = torch.where(starts, count - 1, 0).cummax(-1).values  # real tokens before it
+    return (count - 1 - before).clamp(min=0)
+
+
+def segment_mask(segments: torch.Tensor, dtype: torch.dtype, window: int | None) -> torch.Tensor:
+    """Additive (B, 1, T, T) mask of a packed batch, in the model dtype as transformers' eager
+    mask is: 0 where a query may see a key, the dtype's minimum elsewhere. The rule is the MLX
+    backend's (models/common.py attention_bias): causal, the key real, the query in the key's
+    segment (a padding query sees every real key before it), and within `window` if given."""
+    index = torch.arange(segments.shape[1], device=segments.device)
+    allowed = index[None, :] <= index[:, None]  # (T, S): key at or before the query
+    if window is not None:
+        allowed = allowed & (index[:, None] - index[None, :] < window)
+    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, S)
+    allowed = allowed[None] & (key > 0) & ((query == key) | (query == 0))
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=segments.device)
+    zero = torch.tensor(0.0, dtype=dtype, device=segments.device)
+    return torch.where(allowed, zero, blocked)[:, None]
+
+
+def model_mask(model: TorchModel, attention_mask: torch.Tensor):
+    """The attention mask to give the transformers model: a 0/1 mask as it is (transformers
+    builds its masks from it); for packed rows (segment ids above 1) masks built here, which
+    transformers takes as they are. Models with per-layer attention types (Gemma-2 and -3,
+    Qwen-2 and -3) take a dict of one mask per type; the others one mask, windowed on every
+    layer where the config has a window (Mistral, Phi-3), as their own mask function is."""
+    if not bool((attention_mask > 1).any()):
+        return attention_mask
+    config = model.module.config
+    dtype = TORCH_DTYPES[model.dtype]
+    window = getattr(config, "sliding_window", None)
+    segments = attention_mask.long()
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return segment_mask(segments, dtype, window)
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ValueError(f"packed rows on layers of type {sorted(unknown)} are not supported")
+    return {
+        kind: segment_mask(segments, dtype, window if kind == "sliding_attention" else None)
+        for kind in set(types)
+    }
 
 
 def logits(
@@ -79,7 +127,7 @@ def logits(
 ) -> torch.Tensor:
     out = model.module(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=model_mask(model, attention_mask),
         position_ids=positions(attention_mask),
         use_cache=False,
     )
@@ -91,7 +139,7 @@ def hidden_states(
 ) -> torch.Tensor:
     out = model.module.base_model(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=model_mask(model, attention_mask),
         position_ids=positions(attention_mask),
         use_cache=False,
     )

@@ -6,6 +6,10 @@ the SFT-with-KL objective of InstructGPT (Ouyang et al., 2022, eq. 2 without the
 RL term): the reference is the base model with the adapter switched off, or a
 checkpoint given with --reference. Template randomisation (--template random)
 gives instruction tuning over several prompt formats.
+
+Continued pre-training: plain texts longer than --max-length are cut into
+blocks (--on-too-long split, the default), and --packing puts several short
+examples in each row, each attending only to itself (mlxpost.data.tokenize).
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ class SFTConfig(TrainConfig):
         ("fixed", "random"),
     )
     on_too_long: str = option(
-        "drop",
-        "Examples over --max-length: drop them or truncate the completion.",
-        ("drop", "truncate"),
+        "split",
+        "Examples over --max-length. split: cut plain text into --max-length blocks, each an example (conversations are dropped); drop: skip them; truncate: cut the completion's or text's end.",
+        ("split", "drop", "truncate"),
+    )
+    packing: bool = option(
+        False,
+        "Pack short examples into rows of up to --max-length tokens (attention and positions stay within each example); --batch-size then counts rows.",
     )
     kl_beta: float = option(
         0.0,
@@ -109,7 +117,21 @@ class SFT(Algorithm):
             else []
         )
         self.math = HeldOutMath(cfg, cfg.eval_max_new_tokens)
-        self.batches = Batches(self.train_examples, cfg.batch_size, cfg.seed, info.pad_id)
+        self.batches = Batches(
+            self.train_examples,
+            cfg.batch_size,
+            cfg.seed,
+            info.pad_id,
+            packing=cfg.packing,
+            max_length=cfg.max_length,
+        )
+        if cfg.packing:
+            tokens = sum(len(ex.input_ids) for ex in self.train_examples)
+            rows = self.batches.units
+            session.say(
+                f"packing: {len(self.train_examples)} examples in {rows} rows of up to "
+                f"{cfg.max_length} tokens ({tokens / (rows * cfg.max_length):.0%} filled)"
+            )
 
         backend, model = session.backend, session.model
         if cfg.reference:
@@ -135,7 +157,7 @@ class SFT(Algorithm):
         metrics = session.backend.train_step(
             session.model, session.optimizer, self.loss_fn, parts, weights
         )
-        metrics["tokens"] = float(batch["attention_mask"].sum())
+        metrics["tokens"] = float((batch["attention_mask"] > 0).sum())
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:

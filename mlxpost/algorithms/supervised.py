@@ -11,9 +11,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlxpost.batching import step_indices
-from mlxpost.data import TokenizeConfig, apply_filters, load_examples, tokenize_examples
+from mlxpost.data import (
+    TokenizeConfig,
+    apply_filters,
+    load_examples,
+    pack_lengths,
+    pad_masks,
+    pad_packed,
+    tokenize_examples,
+)
 from mlxpost.errors import UserError
-from mlxpost.functional import masked_mean, token_kl, token_logprobs
+from mlxpost.functional import masked_mean, prediction_mask, token_kl, token_logprobs
 
 # Sequence widths are rounded up to a multiple of this, so MLX compiles few distinct shapes.
 WIDTH_MULTIPLE = 16
@@ -46,11 +54,16 @@ def load_tokenized(
 
 
 def check_lengths(path: str, kept: int, lengths: dict, max_length, say, unit: str, before: str):
-    """Say what the length limit dropped or truncated; fail when nothing is left."""
+    """Say what the length limit dropped, truncated or split; fail when nothing is left."""
     dropped = lengths["dropped_too_long"] + lengths["dropped_prompt_too_long"]
     if dropped or lengths["truncated"]:
         say(
             f"{path}: {dropped} {unit} longer than {max_length} tokens dropped, {lengths['truncated']} truncated"
+        )
+    if lengths.get("split"):
+        say(
+            f"{path}: {lengths['split']} texts longer than {max_length} tokens split into "
+            f"{lengths['blocks']} blocks"
         )
     if not kept:
         raise UserError(
@@ -73,18 +86,54 @@ def collate(examples, pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
 
 
+def collate_packed(rows, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded (B, T) input_ids, attention_mask holding segment ids (0 padding, k the
+    row's k-th example) and float32 loss_mask, of rows that each hold several examples. The
+    first token of each example never counts in the loss (nothing in its example predicts
+    it), whatever its loss mask says."""
+    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    ids, segments = pad_packed([[ex.input_ids for ex in row] for row in rows], pad_id, width)
+    joined = [[m for ex in row for m in ex.loss_mask] for row in rows]
+    loss_mask = pad_masks(joined, "right", width).astype(np.float32)
+    loss_mask *= prediction_mask(segments)
+    return {"input_ids": ids, "attention_mask": segments, "loss_mask": loss_mask}
+
+
 @dataclass
 class Batches:
+    """The batch of each step: `batch_size` examples, or with `packing` `batch_size` rows of
+    examples packed up to `max_length` tokens (pack_lengths: first-fit decreasing, fixed
+    for the run, so a step's batch stays a pure function of the step)."""
+
     examples: list
     batch_size: int
     seed: int
     pad_id: int
+    packing: bool = False
+    max_length: int | None = None
+
+    def __post_init__(self):
+        self.rows = None
+        if self.packing:
+            if self.max_length is None:
+                raise ValueError("packing needs max_length: the tokens of a row")
+            lengths = [len(ex.input_ids) for ex in self.examples]
+            self.rows = pack_lengths(lengths, self.max_length)
+
+    @property
+    def units(self) -> int:
+        """How many examples (rows, with packing) an epoch draws from."""
+        return len(self.rows) if self.rows is not None else len(self.examples)
 
     def indices(self, step: int) -> np.ndarray:
-        return step_indices(self.seed, step, self.batch_size, len(self.examples))
+        return step_indices(self.seed, step, self.batch_size, self.units)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        return collate([self.examples[i] for i in self.indices(step)], self.pad_id)
+        if self.rows is None:
+            return collate([self.examples[i] for i in self.indices(step)], self.pad_id)
+        rows = [[self.examples[i] for i in self.rows[r]] for r in self.indices(step)]
+        return collate_packed(rows, self.pad_id)
 
 
 def nll_and_kl_loss(ops, forward, batch, kl_beta: float = 0.0, measure_kl: bool = False):

@@ -6,6 +6,11 @@
     tokenized, length_report = tokenize_examples(examples, tokenizer, TokenizeConfig(max_length=1024))
     ids, attention = pad_batch([t.input_ids for t in tokenized], pad_id)
 
+Packing several short examples into each row (attention mask = segment ids):
+
+    rows = pack_lengths([len(t.input_ids) for t in tokenized], 1024)
+    ids, segments = pad_packed([[tokenized[i].input_ids for i in row] for row in rows], pad_id)
+
 `datasets` and `transformers` are imported only when needed, so importing this
 package stays cheap for the command line.
 """
@@ -35,8 +40,11 @@ from mlxpost.data.tokenize import (
     TokenizeConfig,
     TokenizedExample,
     limit_lengths,
+    pack_lengths,
     pad_batch,
     pad_masks,
+    pad_packed,
+    split_text,
     tokenize_examples,
     tokenize_preferences,
 )
@@ -82,8 +90,11 @@ __all__ = [
     "load_records",
     "near_deduplicate",
     "normalise_records",
+    "pack_lengths",
     "pad_batch",
     "pad_masks",
+    "pad_packed",
+    "split_text",
     "tokenize_examples",
     "tokenize_preferences",
 ]

@@ -10,6 +10,16 @@ a rendering that starts with it gets exactly one BOS id). Without a template
 (plain prompts, `template: random`, raw text), BOS is prepended where the
 tokenizer's own encoding prepends it (Llama, Mistral, Gemma), never for
 tokenizers without one (Qwen, GPT-2). EOS ends plain completions and texts.
+
+Length limit (TokenizeConfig.on_too_long): a plain text longer than max_length is
+cut into consecutive blocks by default ("split"), each its own example; a
+conversation over the limit is dropped (or its completion cut, "truncate"),
+since a piece of a conversation without its prompt teaches nothing.
+
+Packing (`pack_lengths`, `pad_packed`): short examples share a row; the row's
+attention mask then holds segment ids (0 padding, k the row's k-th example)
+instead of 0/1, and both backends keep attention inside a segment and restart
+positions at each segment's first token.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import numpy as np
 from mlxpost.errors import UserError
 
 TEMPLATE_MODES = ("fixed", "random")
-ON_TOO_LONG = ("drop", "truncate")
+ON_TOO_LONG = ("split", "drop", "truncate")
 # Plain-text prompt formats of the "random" mode: varying the format per example
 # keeps instruction tuning from tying the model to one template.
 PLAIN_FORMATS = (
@@ -41,10 +51,12 @@ class TokenizeConfig:
         default=None, metadata={"help": "Most tokens per sequence; None: no limit."}
     )
     on_too_long: str = field(
-        default="drop",
+        default="split",
         metadata={
-            "help": "drop: skip longer examples; truncate: cut the completion's end "
-            "(examples whose prompt alone is too long are still dropped)."
+            "help": "split: cut a plain text into consecutive max_length blocks, each an "
+            "example, and drop longer conversations; drop: skip every longer example; "
+            "truncate: cut the completion's (or text's) end (examples whose prompt alone is "
+            "too long are still dropped)."
         },
     )
     template: str = field(
@@ -64,7 +76,9 @@ class TokenizeConfig:
         if self.template not in TEMPLATE_MODES:
             raise UserError(f"unknown template mode {self.template!r}; choose fixed or random")
         if self.on_too_long not in ON_TOO_LONG:
-            raise UserError(f"unknown on_too_long {self.on_too_long!r}; choose drop or truncate")
+            raise UserError(
+                f"unknown on_too_long {self.on_too_long!r}; choose {', '.join(ON_TOO_LONG)}"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise UserError(f"max_length must be at least 2, got {self.max_length}")
 
@@ -76,6 +90,10 @@ class TokenizedExample:
     prompt_length: int = field(metadata={"help": "How many leading ids are the prompt."})
     index: int = field(default=0, metadata={"help": "Position of the source example."})
     truncated: bool = field(default=False, metadata={"help": "The completion was cut."})
+    text: bool = field(default=False, metadata={"help": "A plain text (no prompt)."})
+    block: int | None = field(
+        default=None, metadata={"help": "Which block of a split text this is (0 first)."}
+    )
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -173,7 +191,7 @@ class ChatEncoder:
         """A ChatExample or UnpairedExample as ids and a loss mask."""
         if getattr(example, "text", None) is not None:
             ids = self.with_eos(self.with_bos(self.ids(example.text)))
-            return TokenizedExample(ids, [0] + [1] * (len(ids) - 1), 0, index)
+            return TokenizedExample(ids, [0] + [1] * (len(ids) - 1), 0, index, text=True)
         prompt, completion = self.split(example.prompt_messages, example.completion_messages, index)
         return self.join(prompt, completion, index)
 
@@ -199,10 +217,11 @@ class ChatEncoder:
 
 def fit_length(example: TokenizedExample, max_length: int | None, on_too_long: str):
     """(example or None, what happened: None, 'truncated', 'dropped_too_long' or
-    'dropped_prompt_too_long')."""
+    'dropped_prompt_too_long'). 'split' is limit_lengths' (a text becomes several examples,
+    see split_text); for anything else it drops, as 'drop' does."""
     if max_length is None or len(example.input_ids) <= max_length:
         return example, None
-    if on_too_long == "drop":
+    if on_too_long != "truncate":
         return None, "dropped_too_long"
     if example.prompt_length >= max_length:
         return None, "dropped_prompt_too_long"  # nothing of the completion would be left
@@ -212,17 +231,40 @@ def fit_length(example: TokenizedExample, max_length: int | None, on_too_long: s
         example.prompt_length,
         example.index,
         truncated=True,
+        text=example.text,
     )
     return cut, "truncated"
 
 
+def split_text(example: TokenizedExample, max_length: int) -> list[TokenizedExample]:
+    """A text's ids (BOS and EOS included, as encoded) cut into consecutive blocks of at most
+    max_length tokens, each an example whose loss covers every token but its first (nothing
+    in the block predicts that one). A last block of a single token, which would have
+    nothing to learn from, is left out."""
+    blocks = []
+    for number, start in enumerate(range(0, len(example.input_ids), max_length)):
+        ids = example.input_ids[start : start + max_length]
+        if len(ids) < 2:
+            break
+        blocks.append(
+            TokenizedExample(
+                ids, [0] + [1] * (len(ids) - 1), 0, example.index, text=True, block=number
+            )
+        )
+    return blocks
+
+
 def limit_lengths(items, config: TokenizeConfig):
     """(kept, length report) of TokenizedExamples or (chosen, rejected) pairs under
-    config.max_length; a pair is truncated or dropped as a whole."""
+    config.max_length; a pair is truncated or dropped as a whole. Under on_too_long 'split' a
+    text over the limit becomes several examples (report: `split` texts became `blocks`
+    examples; `kept` counts source examples, so len(kept list) = kept - split + blocks)."""
     report = {
         "total": len(items),
         "kept": 0,
         "truncated": 0,
+        "split": 0,
+        "blocks": 0,
         "dropped_too_long": 0,
         "dropped_prompt_too_long": 0,
         "max_length": config.max_length,
@@ -230,6 +272,19 @@ def limit_lengths(items, config: TokenizeConfig):
     }
     kept = []
     for item in items:
+        if (
+            config.on_too_long == "split"
+            and isinstance(item, TokenizedExample)
+            and item.text
+            and config.max_length is not None
+            and len(item.input_ids) > config.max_length
+        ):
+            blocks = split_text(item, config.max_length)
+            report["split"] += 1
+            report["blocks"] += len(blocks)
+            report["kept"] += 1
+            kept.extend(blocks)
+            continue
         sides = item if isinstance(item, tuple) else (item,)
         fitted = [fit_length(side, config.max_length, config.on_too_long) for side in sides]
         events = {event for _, event in fitted if event}
@@ -241,7 +296,7 @@ def limit_lengths(items, config: TokenizeConfig):
             report["truncated"] += 1
         sides = tuple(side for side, _ in fitted)
         kept.append(sides if isinstance(item, tuple) else sides[0])
-    report["kept"] = len(kept)
+        report["kept"] += 1
     return kept, report
 
 
@@ -287,3 +342,51 @@ def pad_batch(sequences, pad_id: int, side: str = "right", length: int | None = 
 def pad_masks(masks, side: str = "right", length: int | None = None) -> np.ndarray:
     """0/1 masks (e.g. loss masks) padded with 0 like pad_batch pads their ids."""
     return pad_batch(masks, 0, side, length)[0]
+
+
+def pack_lengths(lengths, capacity: int) -> list[list[int]]:
+    """Indices of sequences of the given lengths packed into rows of at most `capacity`
+    tokens: first-fit decreasing (longest first, ties by index; each into the first row with
+    room, a new row when none has), so the packing is a pure function of the lengths. Each
+    row lists its indices in increasing order. O(n log n): a max-tree over the rows' room."""
+    lengths = [int(n) for n in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(
+            f"sequence {too_long[0]} has {lengths[too_long[0]]} tokens, more than a row's {capacity}"
+        )
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    room = [capacity] * (2 * size)  # room[node]: the most room of any row under node
+    rows: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        need = lengths[index]
+        node = 1
+        while node < size:  # the leftmost row with room: rows not opened yet are empty
+            node = 2 * node if room[2 * node] >= need else 2 * node + 1
+        row = node - size
+        if row == len(rows):
+            rows.append([])
+        rows[row].append(index)
+        room[node] -= need
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+    return [sorted(row) for row in rows]
+
+
+def pad_packed(rows, pad_id: int, length: int | None = None):
+    """(ids, segments): int32 (B, T) arrays of rows that each hold several sequences one after
+    another, right-padded; segments is the attention mask with segment ids: 0 on padding,
+    k on the row's k-th sequence (1, 2, ...)."""
+    joined = [[token for sequence in row for token in sequence] for row in rows]
+    ids, attention = pad_batch(joined, pad_id, "right", length)
+    segments = np.zeros_like(attention)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, sequence in enumerate(row, 1):
+            segments[r, start : start + len(sequence)] = k
+            start += len(sequence)
+    return ids, segments

@@ -58,8 +58,16 @@ def load(path: str, dtype: str) -> MLXModel:
 
 
 def positions(attention_mask: mx.array) -> mx.array:
-    """Position ids counting real tokens only, so left padding does not shift positions."""
-    return mx.maximum(mx.cumsum(attention_mask.astype(mx.int32), axis=1) - 1, 0)
+    """Position ids counting real tokens only, so left padding does not shift positions; in a
+    packed row (segment ids in the mask) they restart at 0 on each segment's first token.
+    Padding takes the position of the real token before it (0 before any)."""
+    segments = attention_mask.astype(mx.int32)
+    count = mx.cumsum((segments > 0).astype(mx.int32), axis=1)  # real tokens up to t
+    seen = mx.cummax(segments, axis=1)
+    previous = mx.concatenate([mx.zeros_like(seen[:, :1]), seen[:, :-1]], axis=1)
+    starts = segments > previous  # each segment's first token (one per row with a 0/1 mask)
+    before = mx.cummax(mx.where(starts, count - 1, 0), axis=1)  # real tokens before it
+    return mx.maximum(count - 1 - before, 0)
 
 
 def hidden_states(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:

@@ -7,6 +7,9 @@ numbers):
   sits at ``q = cache.offset + i`` and key ``k`` is the k-th slot of the KV buffer.  A query may
   see a key iff ``k <= q`` and ``key_mask[b, k]`` and, on sliding layers, ``q - k < window``.
   That is transformers' ``kv_idx <= q_idx`` / ``kv_idx > q_idx - sliding_window`` rule.
+* The key mask may hold segment ids instead of 0/1 (packed rows: 0 padding, k the row's k-th
+  example): a real query then sees only keys of its own segment.  With a 0/1 mask this is the
+  rule above, unchanged.
 * Masked scores get the float32 minimum as an additive bias (what transformers' eager mask
   uses).  A row with no visible key therefore becomes a uniform softmax instead of NaN.
 """
@@ -34,7 +37,12 @@ def attention_bias(
     batch: int,
     sliding_window: int | None = None,
 ) -> mx.array:
-    """Additive float32 bias (B, 1, T, S) with S = offset + T: 0 where allowed, NEG_BIAS elsewhere."""
+    """Additive float32 bias (B, 1, T, S) with S = offset + T: 0 where allowed, NEG_BIAS elsewhere.
+
+    key_mask (B, S): 0 on padding; 1, or the segment id of a packed row, on real tokens. A
+    query sees a key iff causal, the key is real, the window allows it, and the query is in
+    the key's segment (a padding query, segment 0, sees every real key before it, as with a
+    0/1 mask, so it never has an empty row unless nothing real precedes it)."""
     kv_len = offset + q_len
     q_idx = mx.arange(offset, kv_len)[:, None]  # (T, 1) buffer index of each query
     k_idx = mx.arange(kv_len)[None, :]  # (1, S)
@@ -48,7 +56,11 @@ def attention_bias(
                 f"key_mask must have shape (batch, cache offset + T) = {(batch, kv_len)}, "
                 f"got {tuple(key_mask.shape)}"
             )
-        allowed = allowed & (key_mask.astype(mx.bool_)[:, None, None, :])  # (B, 1, T, S)
+        segments = key_mask.astype(mx.int32)
+        key_seg = segments[:, None, None, :]  # (B, 1, 1, S)
+        query_seg = segments[:, offset:, None][:, None]  # (B, 1, T, 1)
+        same = (query_seg == key_seg) | (query_seg == 0)
+        allowed = allowed & (key_seg > 0) & same  # (B, 1, T, S)
     else:
         allowed = mx.broadcast_to(allowed, (batch, 1, q_len, kv_len))
     zero = mx.array(0.0, dtype=mx.float32)
