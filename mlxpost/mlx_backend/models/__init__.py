@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
-from . import decoder, gemma2, gpt2
+from . import decoder, gpt2
 
 ARCHITECTURES = {
     "gpt2": gpt2.Model,
-    "gemma2": gemma2.Model,
     **{model_type: decoder.Model for model_type in decoder.FAMILIES},
 }
 

@@ -1,13 +1,13 @@
 """The Llama-like decoder families in MLX, numerically matching transformers' eager code.
 
-One implementation serves llama, mistral, qwen2, qwen3, gemma3_text and phi3; what differs
+One implementation serves llama, mistral, qwen2, qwen3, gemma2, gemma3_text and phi3; what differs
 between them is a `Family` record (which biases, norms, fused projections and scales a family
 has). The config is read through transformers' own config class for the model type, so old and
 new config.json layouts (``rope_scaling`` + ``rope_theta`` or ``rope_parameters``, gemma3's
 ``rope_local_base_freq`` and ``sliding_window_pattern``, qwen's ``use_sliding_window`` and
 ``max_window_layers``) mean here what they mean there.
 
-Conventions shared with gemma2.py: parameter names equal transformers' module paths
+Conventions: parameter names equal transformers' module paths
 (``model.layers.0.self_attn.q_proj.weight``), per-token positions for left-padded batches,
 RoPE angles in float32 rounded to the activation dtype, eager attention with the softmax in
 float32, sliding windows applied per layer from ``layer_types``.
@@ -34,6 +34,10 @@ class Family:
     fused: bool = False  # phi3: qkv_proj and gate_up_proj
     gemma: bool = False  # (1 + w) float32 norms, sandwich norms, scaled embeddings
     all_sliding: bool = False  # one window on every layer when config.sliding_window is set
+    # The torch backend runs transformers' eager attention (Gemma-2's soft-capped scores need
+    # it), whose bfloat16 roundings of scores and probabilities are followed here; the other
+    # families run on sdpa, whose float32 arithmetic is followed instead.
+    eager: bool = False
 
 
 FAMILIES = {
@@ -41,6 +45,7 @@ FAMILIES = {
     "mistral": Family(qkv_bias="none", all_sliding=True),
     "qwen2": Family(qkv_bias="qkv"),
     "qwen3": Family(qk_norm=True),
+    "gemma2": Family(gemma=True, eager=True),
     "gemma3_text": Family(qk_norm=True, gemma=True),
     "phi3": Family(qkv_bias="none", fused=True, all_sliding=True),
 }
@@ -214,6 +219,7 @@ class Attention(nn.Module):
             self.k_norm = norm(head_dim, cfg.rms_norm_eps)
         object.__setattr__(self, "_fused", family.fused)
         object.__setattr__(self, "_qk_norm", family.qk_norm)
+        object.__setattr__(self, "_eager", family.eager)
         if family.gemma:
             self.scale = cfg.query_pre_attn_scalar**-0.5
             self.softcap = getattr(cfg, "attn_logit_softcapping", None)
@@ -239,9 +245,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KVH, S, D)
-        # Soft-capped scores need transformers' eager kernel, whose roundings we follow; the
-        # torch backend runs every other family on sdpa, whose float32 arithmetic we follow.
-        out = attention(q, k, v, bias, self.scale, self.softcap, float32=self.softcap is None)
+        out = attention(q, k, v, bias, self.scale, self.softcap, float32=not self._eager)
         out = out.transpose(0, 2, 1, 3).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
