@@ -108,6 +108,11 @@ def format_check_report(report: dict) -> str:
             f"max_length {handling['max_length']} ({handling['on_too_long']}): "
             f"{handling['kept']} kept, {handling['truncated']} truncated, "
             f"{handling['dropped_too_long'] + handling['dropped_prompt_too_long']} dropped"
+            + (
+                f", {handling['split']} split into {handling['blocks']} blocks"
+                if handling.get("split")
+                else ""
+            )
         )
     for step in report["filters"]:
         reasons = ", ".join(f"{k} {v}" for k, v in step["reasons"].items() if v)
