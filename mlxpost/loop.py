@@ -98,13 +98,17 @@ class Session:
     def model(self) -> Any:
         """The model, with the scalar head and the LoRA adapter the config asks for."""
         cfg, backend = self.cfg, self.backend
-        model = backend.load_model(cfg.model, cfg.dtype)
+        model = backend.load_model(cfg.model, cfg.dtype, quantize=cfg.quantize)
         if self.scalar_head:
             backend.attach_scalar_head(model, seed=cfg.seed)
         if cfg.lora:
             backend.attach_lora(model, cfg.lora_config(), seed=cfg.seed)
+        if cfg.grad_checkpoint:
+            backend.set_grad_checkpoint(model, True)
         trainable, total = backend.parameter_count(model)
         mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full fine-tuning"
+        if cfg.quantize:
+            mode += f" on a {cfg.quantize}-bit base"
         self.say(
             f"{self.command}: {backend.describe()}, {mode}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
         )

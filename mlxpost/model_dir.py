@@ -350,6 +350,8 @@ def check_weights(config_path: str, config: dict, files: list[str]) -> None:
             if name is not None:
                 found[name] = (file, shape)
     expected = expected_shapes(config_path, config)
+    if "quantization" in config:
+        expected = quantized_shapes(config_path, config, expected, found)
     sizes = {} if arch == "gpt2" else decoder_sizes(config_path, config)
     layers = "n_layer" if arch == "gpt2" else "num_hidden_layers"
     for name, (shape, keys) in expected.items():
@@ -385,6 +387,43 @@ def check_weights(config_path: str, config: dict, files: list[str]) -> None:
         raise UserError(f"{found[name][0]}: holds {name}, which {model} does not have")
 
 
+def quantized_shapes(config_path: str, config: dict, expected: dict, found: dict) -> dict:
+    """`expected` for a checkpoint mlx-lm quantized (config.json's "quantization": group_size,
+    bits, and per-module overrides): a 2-D weight stored with `.scales` next to it holds
+    bits/32 packed columns, with scales and biases of one column per group."""
+    quant = config["quantization"]
+    name = os.path.basename(config_path)
+    if not isinstance(quant, dict) or not all(
+        isinstance(quant.get(k), int) and quant[k] > 0 for k in ("group_size", "bits")
+    ):
+        raise UserError(f'{config_path}: "quantization" must give integer group_size and bits')
+    if config["model_type"] == "gpt2":
+        raise UserError(
+            f"{config_path}: quantized GPT-2 checkpoints (mlx-lm's layout) are not supported; "
+            "load the unquantized checkpoint with --quantize"
+        )
+    out = {}
+    for key, (shape, keys) in expected.items():
+        module = key.removesuffix(".weight")
+        if len(shape) != 2 or module == key or f"{module}.scales" not in found:
+            out[key] = (shape, keys)
+            continue
+        own = quant.get(module) if isinstance(quant.get(module), dict) else quant
+        bits, group = own.get("bits", quant["bits"]), own.get("group_size", quant["group_size"])
+        rows, cols = shape
+        if cols % group or (cols * bits) % 32:
+            raise UserError(
+                f"{found[key][0] if key in found else config_path}: {key} is quantized, but its "
+                f"{cols} columns ({name}) do not split into groups of {group} at {bits} bits"
+            )
+        described = (*keys, "quantization")
+        out[key] = ((rows, cols * bits // 32), described)
+        out[f"{module}.scales"] = ((rows, cols // group), described)
+        if own.get("mode", quant.get("mode", "affine")) == "affine":
+            out[f"{module}.biases"] = ((rows, cols // group), described)
+    return out
+
+
 def _describe(config: dict, sizes: dict, key: str) -> str:
     """`key value` for an error message, the value as JSON writes it; a size config.json
     leaves out is marked default."""
@@ -401,7 +440,7 @@ def normalise_name(arch: str, name: str) -> str | None:
     if name.endswith("rotary_emb.inv_freq"):
         return None  # recomputed from the config
     prefix = body_prefix(arch)
-    if name == "lm_head.weight" or name.startswith(prefix):
+    if name.startswith(("lm_head.", prefix)):
         return name
     return prefix + name  # a base-model checkpoint (GPT2Model, LlamaModel, ...)
 

@@ -84,7 +84,22 @@ class TorchBackend:
         }
 
     # ---- models ----
-    def load_model(self, path: str, dtype: str = "float32") -> TorchModel:
+    def load_model(
+        self, path: str, dtype: str = "float32", quantize: int | None = None
+    ) -> TorchModel:
+        if quantize is not None:
+            import importlib.util
+
+            from mlxpost.errors import UserError
+
+            if self.device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+                raise UserError(
+                    "--quantize needs bitsandbytes on a CUDA GPU with the torch backend; "
+                    "use --backend mlx"
+                )
+            raise UserError(
+                "--quantize is not implemented for the torch backend yet; use --backend mlx"
+            )
         return modeling.load(path, dtype, self.device)
 
     def attach_scalar_head(self, model: TorchModel, seed: int = 0) -> None:
@@ -104,6 +119,9 @@ class TorchBackend:
         for param in other.module.parameters():
             param.requires_grad_(False)
         model.frozen[role] = other
+
+    def set_grad_checkpoint(self, model: TorchModel, enabled: bool) -> None:
+        modeling.set_grad_checkpoint(model, enabled)
 
     def set_adapter_enabled(self, model: TorchModel, enabled: bool) -> None:
         for layer in model.lora.values():

@@ -82,8 +82,10 @@ class MLXBackend:
         }
 
     # ---- models ----
-    def load_model(self, path: str, dtype: str = "float32") -> MLXModel:
-        return modeling.load(path, dtype)
+    def load_model(
+        self, path: str, dtype: str = "float32", quantize: int | None = None
+    ) -> MLXModel:
+        return modeling.load(path, dtype, quantize)
 
     def attach_scalar_head(self, model: MLXModel, seed: int = 0) -> None:
         modeling.attach_scalar_head(model, seed)
@@ -107,6 +109,11 @@ class MLXBackend:
         other.module.freeze()
         model.frozen[role] = other
         model.grad_functions.clear()
+
+    def set_grad_checkpoint(self, model: MLXModel, enabled: bool) -> None:
+        """Each transformer block runs through mx.checkpoint in training passes (models/)."""
+        model.module.grad_checkpoint = bool(enabled)
+        model.grad_functions.clear()  # compiled steps bake the setting in
 
     def set_adapter_enabled(self, model: MLXModel, enabled: bool) -> None:
         for layer in model.lora.values():

@@ -3,7 +3,8 @@
 A wrapped projection keeps the original module as `base_layer` and adds
 `lora_A` (r, in) and `lora_B` (out, r) linears, so parameter names are PEFT's.
 Adapter weights stay float32 whatever the model dtype; the update is computed
-in float32 and cast back, as PEFT does.
+in float32 and cast back, as PEFT does. The wrapped layer may be quantized
+(nn.QuantizedLinear, QLoRA): it runs as it is, and the update is added to its output.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ class LoRALinear(nn.Module):
         super().__init__()
         if isinstance(base_layer, Conv1D):
             in_features, out_features = base_layer.weight.shape  # GPT-2 stores (in, out)
+        elif isinstance(base_layer, nn.QuantizedLinear):
+            # The weight is packed: 32 / bits values per uint32 column.
+            out_features = base_layer.weight.shape[0]
+            in_features = base_layer.weight.shape[1] * 32 // base_layer.bits
         elif isinstance(base_layer, nn.Linear):
             out_features, in_features = base_layer.weight.shape
         else:
             raise TypeError(
-                f"LoRA supports Linear and Conv1D layers, not {type(base_layer).__name__}"
+                "LoRA supports Linear, QuantizedLinear and Conv1D layers, not "
+                f"{type(base_layer).__name__}"
             )
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -49,9 +55,15 @@ class LoRALinear(nn.Module):
         return y + update.astype(y.dtype)
 
     def merged_weight(self) -> mx.array:
-        """The base weight with the update folded in, in the base layer's layout."""
+        """The base weight with the update folded in, in the base layer's layout; a quantized
+        base is dequantized first, and the result is float (in its scales' dtype)."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scale  # (out, in)
         weight = self.base_layer.weight
+        if isinstance(self.base_layer, nn.QuantizedLinear):
+            q = self.base_layer
+            weight = mx.dequantize(
+                q.weight, q.scales, q.get("biases"), q.group_size, q.bits, mode=q.mode
+            )
         if isinstance(self.base_layer, Conv1D):
             delta = delta.T
         return (weight.astype(mx.float32) + delta).astype(weight.dtype)
@@ -61,7 +73,7 @@ def projection_paths(module: nn.Module) -> list[str]:
     return [
         name
         for name, m in module.named_modules()
-        if isinstance(m, (nn.Linear, Conv1D)) and not name.endswith("score")
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, Conv1D)) and not name.endswith("score")
     ]
 
 
@@ -78,6 +90,12 @@ def attach(module: nn.Module, targets, rank: int, scale: float, dropout: float, 
         _set_child(parent, child, layer)
         wrapped[path] = layer
     return wrapped
+
+
+def replace_module(module: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path` (dotted, list indices as numbers) inside `module`."""
+    parent_path, _, child = path.rpartition(".")
+    _set_child(_submodule(module, parent_path), child, new)
 
 
 def lora_state(wrapped: dict) -> dict[str, np.ndarray]:

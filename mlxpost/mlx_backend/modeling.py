@@ -5,6 +5,7 @@ Mirrors torch_backend/modeling.py; the architectures themselves live in models/.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -14,11 +15,15 @@ import numpy as np
 from mlxpost.backend import LoraConfig
 from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.errors import UserError, first_line
-from mlxpost.mlx_backend.lora import named_parameters
+from mlxpost.mlx_backend.lora import named_parameters, replace_module
 from mlxpost.mlx_backend.models.common import load_model
+from mlxpost.mlx_backend.models.gpt2 import Conv1D
 from mlxpost.model_dir import read_config
 
 MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+QUANTIZE_BITS = (4, 8)
+QUANTIZE_GROUP_SIZE = 64  # weights per scale/bias pair (MLX affine quantization)
+BLOCK = re.compile(r"(^|\.)(layers|h)\.\d+\.")  # a module inside a transformer block
 
 
 @dataclass
@@ -44,7 +49,7 @@ class MLXModel:
         return named_parameters(self.module, trainable_only=True)
 
 
-def load(path: str, dtype: str) -> MLXModel:
+def load(path: str, dtype: str, quantize: int | None = None) -> MLXModel:
     config = read_config(path, tokenizer=False)  # whole weights that fit config.json
     try:
         module = load_model(path, MLX_DTYPES[dtype])
@@ -54,7 +59,47 @@ def load(path: str, dtype: str) -> MLXModel:
         # What read_config cannot see: a config value the model code rejects, unreadable data.
         raise UserError(f"{path}: cannot load this checkpoint ({first_line(err)})") from None
     module.eval()
+    if quantize is not None:
+        if quantize not in QUANTIZE_BITS:
+            raise UserError(f"--quantize {quantize}: choose 4 or 8 bits")
+        quantize_base(module, quantize)
     return MLXModel(module=module, arch=config["model_type"], config=config, path=path, dtype=dtype)
+
+
+def quantize_base(module: nn.Module, bits: int, group_size: int = QUANTIZE_GROUP_SIZE) -> list[str]:
+    """Quantize, in place, the linear layers of the transformer blocks (QLoRA's frozen base):
+    MLX affine quantization, `bits` per weight, one scale and bias per `group_size` weights
+    of a row. Returns the quantized module paths.
+
+    Embeddings and the LM head keep the model dtype: they are the logprobs' first and last
+    step (the tied head is the embedding itself), LoRA does not target them, and the blocks
+    hold most of the weights of any model worth quantizing. A layer whose input width is not a
+    multiple of `group_size` stays as it is. GPT-2's Conv1D (weight stored (in, out)) becomes
+    the equivalent nn.Linear first. The scalar head `score` is never quantized."""
+    for path, child in list(module.named_modules()):
+        if isinstance(child, Conv1D) and BLOCK.search(path) and not path.endswith("score"):
+            linear = nn.Linear(*child.weight.shape)  # (in, out)
+            linear.weight = mx.contiguous(child.weight.T)
+            linear.bias = child.bias
+            replace_module(module, path, linear)
+
+    done = []
+
+    def in_block(path: str, child: nn.Module) -> bool:
+        take = (
+            isinstance(child, nn.Linear)
+            and bool(BLOCK.search(path))
+            and not path.endswith("score")
+            and child.weight.shape[1] % group_size == 0
+        )
+        if take:
+            done.append(path)
+        return take
+
+    nn.quantize(module, group_size=group_size, bits=bits, mode="affine", class_predicate=in_block)
+    module.freeze()
+    mx.eval(module.parameters())
+    return done
 
 
 def positions(attention_mask: mx.array) -> mx.array:

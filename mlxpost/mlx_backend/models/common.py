@@ -212,7 +212,8 @@ def normalise_keys(
     non-parameter ``attn.bias`` / ``attn.masked_bias`` buffers; both layouts become
     ``transformer.h.0.attn.c_attn.weight`` etc.  The others: base-model checkpoints lack
     ``model.``.
-    A tied ``lm_head.weight`` is dropped (the head reads the embedding).
+    A tied ``lm_head.weight`` is dropped (the head reads the embedding); an untied head's
+    tensors (with ``.scales``/``.biases`` when quantized) keep their names.
     """
     from . import ARCHITECTURES  # local import: models/__init__ imports this module
 
@@ -221,7 +222,7 @@ def normalise_keys(
     prefix = "transformer." if arch == "gpt2" else "model."
     out = {}
     for key, value in weights.items():
-        if key == "lm_head.weight":
+        if key.startswith("lm_head."):
             if not tie_word_embeddings:
                 out[key] = value
             continue
@@ -253,8 +254,29 @@ def check_keys(model: nn.Module, weights: dict[str, mx.array]) -> None:
         raise ValueError("shape mismatch: " + "; ".join(bad))
 
 
+def quantize_as_stored(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Turn into quantized layers the modules whose checkpoint tensors come quantized (a
+    ``.scales`` next to the packed ``.weight``, mlx-lm's layout), with config.json's
+    "quantization" settings: group_size, bits, mode, and per-module overrides."""
+
+    def stored_quantized(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        own = quantization.get(path)
+        return own if isinstance(own, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=stored_quantized,
+    )
+
+
 def load_model(model_dir: str, dtype=None) -> nn.Module:
-    """config.json + safetensors -> model; casts floating parameters to ``dtype`` if given."""
+    """config.json + safetensors -> model; casts floating parameters to ``dtype`` if given.
+    A checkpoint mlx-lm quantized loads into quantized layers (see quantize_as_stored)."""
     from . import build_model  # local import: models/__init__ imports this module
 
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -267,6 +289,8 @@ def load_model(model_dir: str, dtype=None) -> nn.Module:
         load_weights(model_dir),
         getattr(model, "tie_word_embeddings", True),
     )
+    if isinstance(config.get("quantization"), dict):
+        quantize_as_stored(model, config["quantization"], weights)
     check_keys(model, weights)
     model.load_weights(list(weights.items()), strict=True)
     if dtype is not None:
