@@ -69,6 +69,38 @@ def load(path: str, dtype: str, device: torch.device) -> TorchModel:
     )
 
 
+def set_grad_checkpoint(model: TorchModel, enabled: bool) -> None:
+    """transformers' activation checkpointing of every decoder layer (torch.utils.checkpoint,
+    non-reentrant: it preserves the RNG state, so LoRA dropout draws the same masks when
+    recomputed, and needs no inputs that require grad, so it holds under LoRA's frozen base).
+
+    transformers checkpoints a layer only while `layer.training`; the model stays in eval mode
+    (its dropouts off), so only the layer modules themselves, not their children, are switched
+    to training. Calls pass use_cache=False (logits, hidden_states), as checkpointing needs."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    module = model.module
+    if enabled:
+        enable = getattr(module, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:  # transformers before activation_checkpointing_enable
+            module.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        # The hook making embedding outputs require grad is for reentrant checkpointing only.
+        if getattr(module, "_require_grads_hook", None) is not None:
+            module.disable_input_require_grads()
+    else:
+        disable = getattr(module, "activation_checkpointing_disable", None)
+        (disable or module.gradient_checkpointing_disable)()
+    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if enabled and not layers:
+        raise ValueError(f"{model.arch}: no transformer layers to checkpoint")
+    for layer in layers:
+        layer.training = enabled  # the layer alone: its children (dropouts) stay in eval mode
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids counting real tokens only, so left padding does not shift positions; in a
     packed row (segment ids in the mask) they restart at 0 on each segment's first token.

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .common import KVCache, attention, attention_bias, get_activation
+from .gpt2 import checkpointed_block
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
@@ -339,6 +340,7 @@ class Model(nn.Module):
         self.hidden_size = cfg.hidden_size
         self.model = Body(cfg, family, head_dim, types)
         self.tie_word_embeddings = bool(cfg.tie_word_embeddings)
+        self.grad_checkpoint = False  # layers recomputed in the backward pass (no cache only)
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -374,7 +376,10 @@ class Model(nn.Module):
         for layer in self.model.layers:
             kind = "sliding_attention" if layer.sliding else "full_attention"
             cos, sin = rope[kind]
-            x = layer(x, cos, sin, biases[kind], cache)
+            if self.grad_checkpoint and cache is None:
+                x = checkpointed_block(layer, x, cos, sin, biases[kind])
+            else:
+                x = layer(x, cos, sin, biases[kind], cache)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)

@@ -15,6 +15,57 @@ import mlx.nn as nn
 from .common import KVCache, attention, attention_bias, get_activation
 
 
+def checkpointed_block(block: nn.Module, *inputs: mx.array) -> mx.array:
+    """block(*inputs, None) through mx.checkpoint: only the block's inputs are kept for the
+    backward pass, which runs the block again to get its activations.
+
+    The block's trainable parameters are inputs of the checkpointed function, so their
+    gradients flow through the recomputation; its own parameters are put back after each run,
+    so it never keeps the traced copies. Dropout (LoRA's, in training steps) draws its masks
+    from one key taken before the call, so the recomputation draws the same masks. Never with
+    a KV cache: the cache is written to, which a recomputation would repeat.
+    """
+    dropouts = [
+        (parent, name, child)
+        for _, parent in block.named_modules()
+        for name, child in parent.items()
+        if isinstance(child, nn.Dropout) and child.training and child._p_1 < 1
+    ]
+    key = None
+    if dropouts:  # an mx.random key, (2,) uint32, from the global stream
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+
+    def run(params, *arrays):
+        own = block.trainable_parameters()
+        block.update(params)
+        keys = mx.random.split(key, len(dropouts)) if dropouts else []
+        for (parent, name, child), sub in zip(dropouts, keys):
+            parent[name] = KeyedDropout(child._p_1, sub)
+        try:
+            return block(*arrays, None)
+        finally:
+            for parent, name, child in dropouts:
+                parent[name] = child
+            block.update(own)
+
+    return mx.checkpoint(run)(block.trainable_parameters(), *inputs)
+
+
+class KeyedDropout(nn.Module):
+    """nn.Dropout whose masks come from a given key (split on each call), not the global one."""
+
+    def __init__(self, keep: float, key: mx.array):
+        super().__init__()
+        object.__setattr__(self, "_keep", keep)
+        object.__setattr__(self, "_key", key)  # kept out of the parameter tree
+
+    def __call__(self, x: mx.array) -> mx.array:
+        key, sub = mx.random.split(self._key)
+        object.__setattr__(self, "_key", key)
+        mask = mx.random.bernoulli(self._keep, x.shape, key=sub)
+        return (mask * x) * (1 / self._keep)
+
+
 class Conv1D(nn.Module):
     """transformers' Conv1D: a linear layer whose weight is stored (in, out); y = x @ W + b."""
 
@@ -137,6 +188,7 @@ class Model(nn.Module):
         self.head_dim = cfg["n_embd"] // cfg["n_head"]
         self.transformer = GPT2Body(cfg)
         self.tie_word_embeddings = cfg.get("tie_word_embeddings", True)
+        self.grad_checkpoint = False  # blocks recomputed in the backward pass (no cache only)
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg["n_embd"], cfg["vocab_size"], bias=False)
 
@@ -165,7 +217,10 @@ class Model(nn.Module):
         x = body.wte(input_ids) + body.wpe(positions)  # (B, T, C)
         bias = attention_bias(key_mask, offset, T, B)  # (B, 1, T, S), shared by all blocks
         for block in body.h:
-            x = block(x, bias, cache)
+            if self.grad_checkpoint and cache is None:
+                x = checkpointed_block(block, x, bias)
+            else:
+                x = block(x, bias, cache)
         if cache is not None:
             cache.advance(T)
         return body.ln_f(x)
