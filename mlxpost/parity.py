@@ -209,6 +209,7 @@ class ParityRun:
         self.seq_len = setup.seq_len or default_seq_len(self.config)
         self.vocab_size = int(self.config["vocab_size"])
         self._gradient_tolerance: tuple[float, str] | None = None
+        self._plain_grads: tuple[dict, dict] | None = None  # (reference, other) unchecked
 
     def prepare_adapter(self, backend: Backend, model) -> None:
         """The given adapter, or a fresh one with non-zero B so every LoRA gradient is live."""
@@ -277,6 +278,7 @@ class ParityRun:
 
     def check_loss_and_grads(self) -> list[Check]:
         _, ((ref_loss, _, ref_grads), (loss, _, grads)) = self.loss_and_grads()
+        self._plain_grads = (ref_grads, grads)
         checks = [compare("loss (masked NLL)", ref_loss, loss, tolerance=self.tolerance(ref_loss))]
         missing = sorted(set(ref_grads) ^ set(grads))
         if missing:
@@ -305,6 +307,51 @@ class ParityRun:
             )
         )
         return checks
+
+    def check_checkpointed_grads(self) -> Check:
+        """Gradients with --grad-checkpoint (every block recomputed in the backward pass):
+        each backend's against its own unchecked ones, and the two backends' against each
+        other, within the gradient check's tolerance."""
+        name = "gradients with --grad-checkpoint"
+        if self._plain_grads is None:
+            self.check_loss_and_grads()
+        plain = self._plain_grads
+        batch = self.grad_batch()
+        checkpointed = []
+        for backend, model in zip(self.backends, self.models):
+            backend.set_grad_checkpoint(model, True)
+            try:
+                checkpointed.append(backend.loss_and_grads(model, nll_loss, batch)[2])
+            finally:
+                backend.set_grad_checkpoint(model, False)
+        names = sorted(plain[0])
+        if any(sorted(grads) != names for grads in (*plain, *checkpointed)):
+            return Check(name, float("inf"), float("inf"), 0.0, False, "gradient names differ")
+
+        def flat(grads):
+            return np.concatenate([grads[n].ravel() for n in names])
+
+        tolerance, detail = self.gradient_tolerance(names, flat(plain[0]))
+        ref, other = (b.name for b in self.backends)
+        pairs = {
+            f"{ref} vs its unchecked": (plain[0], checkpointed[0]),
+            f"{other} vs its unchecked": (plain[1], checkpointed[1]),
+            f"{ref} vs {other}": (checkpointed[0], checkpointed[1]),
+        }
+        parts = {
+            key: compare(key, flat(a), flat(b), tolerance=tolerance)
+            for key, (a, b) in pairs.items()
+        }
+        worst = max(parts.values(), key=lambda c: c.max_abs_diff)
+        summary = "; ".join(f"{key} {c.max_abs_diff:.2e}" for key, c in parts.items())
+        return Check(
+            f"{name} ({len(names)} LoRA tensors)",
+            worst.max_abs_diff,
+            worst.mean_abs_diff,
+            tolerance,
+            all(c.ok for c in parts.values()),
+            "; ".join(filter(None, (summary, detail))),
+        )
 
     def gradient_tolerance(self, names, ref_flat) -> tuple[float, str]:
         """rtol of the largest gradient; in half precision at least twice the reference
@@ -445,6 +492,7 @@ class ParityRun:
     def run(self) -> list[Check]:
         checks = [self.check_logprobs(left=False), self.check_logprobs(left=True)]
         checks += self.check_loss_and_grads()
+        checks.append(self.check_checkpointed_grads())
         checks += self.check_optimizer_step()
         checks.append(self.check_greedy())
         return checks
