@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -264,6 +265,10 @@ def test_bad_options_exit_2(tmp_path):
     )
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(*args, timeout=60):
     pexpect = pytest.importorskip("pexpect")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TERM="dumb")
@@ -275,6 +280,9 @@ def spawn_chat(*args, timeout=60):
         encoding="utf-8",
         timeout=timeout,
         dimensions=(40, 400),  # wide: readline echoes the questions on one line
+        # Ctrl-C must reach the child even when the suite runs as a background job, whose
+        # processes inherit an ignored SIGINT.
+        preexec_fn=default_sigint,
     )
     child.expect_exact("> ")
     return child

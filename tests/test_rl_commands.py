@@ -113,6 +113,9 @@ def interrupt_at(args, call: int, marker) -> subprocess.CompletedProcess:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # The signal must reach the run even when the suite runs as a background job, whose
+        # processes inherit an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
