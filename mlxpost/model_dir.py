@@ -539,15 +539,7 @@ GEMMA_NORMS = (
     "post_feedforward_layernorm",
 )
 FAMILIES = {
-    # mlxpost's Gemma-2 implements unscaled rope only.
-    "gemma2": Family(
-        tied=True,
-        kv_heads=4,
-        head_dim=256,
-        norms=GEMMA_NORMS,
-        attention_bias=True,
-        rope_types=("default",),
-    ),
+    "gemma2": Family(tied=True, kv_heads=4, head_dim=256, norms=GEMMA_NORMS, attention_bias=True),
     "llama": Family(tied=False, kv_heads=None, head_dim=None, attention_bias=True, mlp_bias=True),
     "mistral": Family(tied=False, kv_heads=8, head_dim=None),
     "qwen2": Family(tied=False, kv_heads=32, head_dim=None, qkv_bias=True),

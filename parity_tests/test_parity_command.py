@@ -81,6 +81,7 @@ VARIANTS = {
         "qwen3",
         {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 0},
     ),
+    "gemma2-linear-rope": ("gemma2", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "gemma3-default-pattern": ("gemma3_text", {"num_hidden_layers": 2, "rope_scaling": None}),
     "phi3-full-rotary": ("phi3", {"partial_rotary_factor": 1.0, "rope_scaling": None}),
 }

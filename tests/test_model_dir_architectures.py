@@ -213,7 +213,7 @@ def test_rope_settings_read_both_layouts_as_transformers_does(tiny_dir):
         ("phi3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters", "linear", "default, longrope"),
         ("phi3", {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling", "yarn", "default, longrope"),
         ("phi3", {"rope_parameters": None, "rope_scaling": {"type": "su", "short_factor": [1.0] * 6, "long_factor": [1.0] * 6}}, "rope_scaling", "su", "default, longrope"),
-        ("gemma2", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters", "linear", "default"),
+        ("gemma2", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters", "yarn", "default, linear, llama3, longrope"),
     ],
 )  # fmt: skip
 def test_unimplemented_rope_type_is_refused(
