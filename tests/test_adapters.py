@@ -9,6 +9,7 @@ import pytest
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig
+from mlxpost.parity import parity_lora_init
 
 
 def write_adapter(directory, **config_overrides):
@@ -111,13 +112,7 @@ def trained_adapter(backend, model, directory, seed=0):
 
     backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
     assert model.lora_targets == DEFAULT_LORA_TARGETS[model.arch]
-    rng = np.random.default_rng(seed + 1)
-    lora_b = {
-        name: rng.normal(0.0, 0.05, size=value.shape).astype(np.float32)
-        for name, value in backend.parameters(model, trainable_only=True).items()
-        if ".lora_B." in name
-    }
-    backend.set_parameters(model, lora_b)
+    backend.set_parameters(model, parity_lora_init(backend.parameters(model, True), seed))
     backend.save_adapter(model, str(directory))
     return str(directory)
 

@@ -28,6 +28,7 @@ from mlxpost.backend import LoraConfig, get_backend
 from mlxpost.cli import main
 from mlxpost.errors import UserError
 from mlxpost.merge import merge_adapter
+from mlxpost.parity import parity_lora_init
 
 F32_RTOL = 1e-5
 RNG = np.random.default_rng(0)
@@ -47,13 +48,7 @@ def adapter_for(base_dir, output, ids, seed=0):
     backend = get_backend("torch")
     model = backend.load_model(str(base_dir))
     backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    lora_b = {
-        name: rng.normal(0.0, 0.05, size=value.shape).astype(np.float32)
-        for name, value in backend.parameters(model, trainable_only=True).items()
-        if ".lora_B." in name
-    }
-    backend.set_parameters(model, lora_b)
+    backend.set_parameters(model, parity_lora_init(backend.parameters(model, True), seed))
     backend.save_adapter(model, str(output))
     return str(output), backend.token_logits(model, ids, np.ones_like(ids))
 

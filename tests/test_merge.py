@@ -31,6 +31,7 @@ from mlxpost.adapters import AdapterError, load_adapter, save_adapter
 from mlxpost.backend import DEFAULT_LORA_TARGETS, LoraConfig, get_backend
 from mlxpost.errors import UserError
 from mlxpost.model_dir import SUPPORTED_ARCHITECTURES
+from mlxpost.parity import parity_lora_init
 
 ARCHS = SUPPORTED_ARCHITECTURES
 F32_RTOL = 1e-5
@@ -88,13 +89,7 @@ def mlxpost_adapter(base_dir, output, seed=0):
     backend = get_backend("torch")
     model = backend.load_model(base_dir)
     backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0), seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    lora_b = {
-        name: rng.normal(0.0, 0.05, size=value.shape).astype(np.float32)
-        for name, value in backend.parameters(model, trainable_only=True).items()
-        if ".lora_B." in name
-    }
-    backend.set_parameters(model, lora_b)
+    backend.set_parameters(model, parity_lora_init(backend.parameters(model, True), seed))
     backend.save_adapter(model, str(output))
     return str(output), backend.token_logits(model, IDS, np.ones_like(IDS))
 
