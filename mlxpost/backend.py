@@ -127,7 +127,30 @@ LossFn = Callable[[Any, "Forward", dict], tuple[Any, dict]]
 
 
 class Forward(Protocol):
-    """Differentiable view of a model handed to a loss function."""
+    """Differentiable view of a model handed to a loss function.
+
+    Losses read per-token logprobs, entropy and divergences through
+    mlxpost.functional.head_terms, which never holds the whole (B, T, V) logits: it asks for
+    the final hidden states and maps the head over chunks of rows (map_head_rows)."""
+
+    def hidden(self, input_ids: Any, attention_mask: Any) -> Any:
+        """(B, T, H) final hidden states (after the last norm), in the model dtype."""
+
+    def hidden_and_scores(self, input_ids: Any, attention_mask: Any) -> tuple[Any, Any]:
+        """The hidden states and the scalar head's (B, T) float32 outputs on them."""
+
+    def frozen_hidden(self, role: str, input_ids: Any, attention_mask: Any) -> Any:
+        """Hidden states of a frozen model ("reference": the adapter switched off unless a
+        reference checkpoint was attached; "teacher"), carrying no gradient."""
+
+    def head(self, hidden: Any, role: str | None = None) -> Any:
+        """(..., V) float32 logits of hidden states (..., H) through this model's head, or
+        (role) the frozen model's, carrying no gradient; soft-capped where configured."""
+
+    def map_head_rows(self, fn: Callable, rows: Any, role: str | None = None) -> dict:
+        """fn(rows[chunk], chunk) -> {name: (n,) array} over chunks of rows (N, H), joined
+        into {name: (N,)}; where gradients flow, each chunk is recomputed in the backward pass
+        (the backend's logits_chunk setting says how many rows a chunk holds)."""
 
     def logits(self, input_ids: Any, attention_mask: Any) -> Any:
         """(B, T, V) float32 logits; row t predicts token t+1."""
@@ -163,6 +186,11 @@ class Backend(Protocol):
     def parameters(self, model: Any, trainable_only: bool = False) -> dict[str, np.ndarray]: ...
     def set_parameters(self, model: Any, params: dict[str, np.ndarray]) -> None: ...
     def parameter_count(self, model: Any) -> tuple[int, int]: ...
+    def set_logits_chunk(self, model: Any, rows: int | None) -> None:
+        """Rows (token positions) of logits a loss computes at once: None the default (64 MB
+        of float32 logits), 0 all at once."""
+        ...
+
     def set_grad_checkpoint(self, model: Any, enabled: bool) -> None:
         """Recompute each transformer block's activations in the backward pass (less memory,
         the same losses and gradients) while enabled; frozen models never need it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -141,6 +142,11 @@ class TrainConfig:
         "Recompute each transformer block's activations in the backward pass instead of keeping them: less memory, about a third more compute, the same numbers.",
         flag="--grad-checkpoint/--no-grad-checkpoint",
     )
+    logits_chunk: int | None = option(
+        None,
+        "Token positions whose vocabulary-wide logits the loss computes at once; each chunk is recomputed in the backward pass, so the loss head's memory is chunk x vocabulary instead of batch x tokens x vocabulary, with the same numbers. 0: all at once. Default: as many as make 64 MB of float32 logits (65 positions for a 256,000-token vocabulary, whole batches for small ones).",
+        ge=0,
+    )
     eval_every: int = option(50, "Evaluate every N steps (0: only at the end).", ge=0)
     save_every: int = option(100, "Checkpoint every N steps (0: only the final one).", ge=0)
     max_nonfinite_steps: int = option(
@@ -206,7 +212,8 @@ def _click_type(f: dataclasses.Field, hints: dict):
     kind = hints[f.name]
     for base in (bool, int, float, str):
         if kind is base or (
-            typing.get_origin(kind) is typing.Union and base in typing.get_args(kind)
+            typing.get_origin(kind) in (typing.Union, types.UnionType)
+            and base in typing.get_args(kind)
         ):
             return base
     return str
@@ -267,6 +274,7 @@ CHANGEABLE_ON_RESUME = (
     "report_to",
     "wandb_project",
     "grad_checkpoint",
+    "logits_chunk",
 )
 
 

@@ -105,6 +105,7 @@ class Session:
             backend.attach_lora(model, cfg.lora_config(), seed=cfg.seed)
         if cfg.grad_checkpoint:
             backend.set_grad_checkpoint(model, True)
+        backend.set_logits_chunk(model, cfg.logits_chunk)
         trainable, total = backend.parameter_count(model)
         mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full fine-tuning"
         if cfg.quantize:

@@ -2,8 +2,9 @@
 
 Both backends load the same checkpoint (and adapter) and compute, on the same
 seeded token ids: per-token logprobs on right- and left-padded batches longer
-than any sliding window, a loss and its gradients over the LoRA parameters,
-one AdamW step, and greedy tokens. Each check reports the max and mean
+than any sliding window, a loss and its gradients over the LoRA parameters
+(also with every block checkpointed, and with the loss head in chunks), one
+AdamW step, and greedy tokens. Each check reports the max and mean
 absolute difference and the tolerance it is held to.
 
 Tolerances (float32) follow from rounding: a float32 result carries a relative
@@ -209,7 +210,6 @@ class ParityRun:
         self.seq_len = setup.seq_len or default_seq_len(self.config)
         self.vocab_size = int(self.config["vocab_size"])
         self._gradient_tolerance: tuple[float, str] | None = None
-        self._plain_grads: tuple[dict, dict] | None = None  # (reference, other) unchecked
 
     def prepare_adapter(self, backend: Backend, model) -> None:
         """The given adapter, or a fresh one with non-zero B so every LoRA gradient is live."""
@@ -278,7 +278,6 @@ class ParityRun:
 
     def check_loss_and_grads(self) -> list[Check]:
         _, ((ref_loss, _, ref_grads), (loss, _, grads)) = self.loss_and_grads()
-        self._plain_grads = (ref_grads, grads)
         checks = [compare("loss (masked NLL)", ref_loss, loss, tolerance=self.tolerance(ref_loss))]
         missing = sorted(set(ref_grads) ^ set(grads))
         if missing:
@@ -309,23 +308,43 @@ class ParityRun:
         return checks
 
     def check_checkpointed_grads(self) -> Check:
-        """Gradients with --grad-checkpoint (every block recomputed in the backward pass):
-        each backend's against its own unchecked ones, and the two backends' against each
-        other, within the gradient check's tolerance."""
-        name = "gradients with --grad-checkpoint"
-        if self._plain_grads is None:
-            self.check_loss_and_grads()
-        plain = self._plain_grads
+        """Gradients with --grad-checkpoint (every block recomputed in the backward pass)."""
+        return self.check_variant_grads(
+            "gradients with --grad-checkpoint",
+            "unchecked",
+            lambda backend, model, on: backend.set_grad_checkpoint(model, on),
+            (False, True, False),
+        )
+
+    def check_chunked_logits_grads(self) -> Check:
+        """Gradients with the loss head in chunks of rows (--logits-chunk, each chunk
+        recomputed in the backward pass) against those from the whole logits at once: a
+        quarter of the batch's positions a chunk, so there are several."""
+        positions = self.setup.batch_size * (self.seq_len - 1)
+        rows = max(1, -(-positions // 4))
+        return self.check_variant_grads(
+            f"gradients with --logits-chunk {rows}",
+            "whole-logits",
+            lambda backend, model, value: backend.set_logits_chunk(model, value),
+            (0, rows, None),
+        )
+
+    def check_variant_grads(self, name: str, plain_label: str, setter, values) -> Check:
+        """Gradients with a memory option on: each backend's against its own with the option
+        off, and the two backends' against each other, within the gradient check's tolerance.
+        `setter(backend, model, value)` applies one of `values`: (off, on, the default)."""
+        off, on, default = values
         batch = self.grad_batch()
-        checkpointed = []
+        plain, variant = [], []
         for backend, model in zip(self.backends, self.models):
-            backend.set_grad_checkpoint(model, True)
             try:
-                checkpointed.append(backend.loss_and_grads(model, nll_loss, batch)[2])
+                for value, out in ((off, plain), (on, variant)):
+                    setter(backend, model, value)
+                    out.append(backend.loss_and_grads(model, nll_loss, batch)[2])
             finally:
-                backend.set_grad_checkpoint(model, False)
+                setter(backend, model, default)
         names = sorted(plain[0])
-        if any(sorted(grads) != names for grads in (*plain, *checkpointed)):
+        if any(sorted(grads) != names for grads in (*plain, *variant)):
             return Check(name, float("inf"), float("inf"), 0.0, False, "gradient names differ")
 
         def flat(grads):
@@ -334,9 +353,9 @@ class ParityRun:
         tolerance, detail = self.gradient_tolerance(names, flat(plain[0]))
         ref, other = (b.name for b in self.backends)
         pairs = {
-            f"{ref} vs its unchecked": (plain[0], checkpointed[0]),
-            f"{other} vs its unchecked": (plain[1], checkpointed[1]),
-            f"{ref} vs {other}": (checkpointed[0], checkpointed[1]),
+            f"{ref} vs its {plain_label}": (plain[0], variant[0]),
+            f"{other} vs its {plain_label}": (plain[1], variant[1]),
+            f"{ref} vs {other}": (variant[0], variant[1]),
         }
         parts = {
             key: compare(key, flat(a), flat(b), tolerance=tolerance)
@@ -493,6 +512,7 @@ class ParityRun:
         checks = [self.check_logprobs(left=False), self.check_logprobs(left=True)]
         checks += self.check_loss_and_grads()
         checks.append(self.check_checkpointed_grads())
+        checks.append(self.check_chunked_logits_grads())
         checks += self.check_optimizer_step()
         checks.append(self.check_greedy())
         return checks

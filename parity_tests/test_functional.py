@@ -591,6 +591,7 @@ COVERED_FUNCTIONALS = {
     "last_token_index",
     "prediction_mask",
     "nll_loss",
+    "head_terms",
 }
 
 
@@ -720,6 +721,65 @@ def test_token_jsd(be, beta):
     assert_close(
         f"{be.name} token_jsd beta={beta}", ref, got, atol=ATOL * logit_scale(student, 0.7)
     )
+
+
+HEAD_CASES = [  # (chunk rows, temperature, divergence, divergence temperature)
+    (None, 1.0, "kl", None),
+    (4, 0.7, "kl", None),  # 15 rows: chunks of 4, 4, 4, 3 that straddle rows
+    (1, 1.3, "kl_from_other", 2.0),
+    (7, 1.0, "jsd", 0.5),
+]
+
+
+@pytest.mark.parametrize("chunk, temperature, divergence, div_temperature", HEAD_CASES)
+def test_head_terms_match_the_token_functionals(
+    be, chunk, temperature, divergence, div_temperature
+):
+    """head_terms over given logits, whole or in chunks of rows, gives the oracles' logprobs,
+    entropy and divergence against another model's logits."""
+    logits, ids = make_logits("normal"), make_ids()
+    other = (logits + np.random.default_rng(11).normal(0, 2.0, size=logits.shape)).astype(
+        np.float32
+    )
+    forward = F.LogitsForward(
+        be.ops, be.arr(logits), frozen={"teacher": be.arr(other)}, chunk=chunk
+    )
+    terms = F.head_terms(
+        be.ops,
+        forward,
+        be.arr(ids),
+        be.arr(np.ones((B, T), np.float32)),
+        temperature=temperature,
+        entropy=True,
+        other="teacher",
+        divergence=divergence,
+        beta=0.3,
+        divergence_temperature=div_temperature,
+    )
+    assert set(terms) == {"logprobs", "entropy", "divergence"}
+    atol = ATOL * logit_scale(logits, min(temperature, div_temperature or temperature))
+    t_div = div_temperature or temperature
+    expected_div = {
+        "kl": lambda: oracle_token_kl(logits, other, t_div),
+        "kl_from_other": lambda: oracle_token_kl(other, logits, t_div),
+        "jsd": lambda: oracle_token_jsd(logits, other, 0.3, t_div),
+    }[divergence]()
+    for name, ref in (
+        ("logprobs", oracle_token_logprobs(logits, ids, temperature)),
+        ("entropy", oracle_token_entropy(logits, temperature)),
+        ("divergence", expected_div),
+    ):
+        assert tuple(terms[name].shape) == (B, T)
+        assert_close(
+            f"{be.name} head_terms {name} chunk={chunk}", ref, be.np(terms[name]), atol=atol
+        )
+
+
+def test_head_terms_rejects_an_unknown_divergence():
+    logits, ids = make_logits("normal"), make_ids()
+    forward = F.LogitsForward(NumpyOps, logits, frozen={"reference": logits})
+    with pytest.raises(ValueError, match="unknown divergence"):
+        F.head_terms(NumpyOps, forward, ids, np.ones_like(ids), other="reference", divergence="l2")
 
 
 def test_token_jsd_rejects_bad_beta():
@@ -888,14 +948,16 @@ def test_last_token_index():
         F.last_token_index(np.array([[1, 1, 0], [0, 0, 0]]))
 
 
-class FakeForward:
-    def __init__(self, logits):
-        self._logits = logits
+class FakeForward(F.LogitsForward):
+    """Given logits, recording the calls that ask for them; in chunks of 4 rows."""
+
+    def __init__(self, ops, logits):
+        super().__init__(ops, logits, chunk=4)
         self.calls = []
 
-    def logits(self, input_ids, attention_mask):
+    def hidden(self, input_ids, attention_mask):
         self.calls.append((input_ids, attention_mask))
-        return self._logits
+        return super().hidden(input_ids, attention_mask)
 
 
 def _nll_batch(be, ids):
@@ -920,7 +982,7 @@ def oracle_nll(logits, ids, loss_mask):
 def test_nll_loss(be, kind):
     logits, ids = make_logits(kind), make_ids()
     batch, loss_mask = _nll_batch(be, ids)
-    forward = FakeForward(be.arr(logits))
+    forward = FakeForward(be.ops, be.arr(logits))
     loss, metrics = F.nll_loss(be.ops, forward, batch)
     assert len(forward.calls) == 1 and forward.calls[0][1] is batch["attention_mask"]
     assert set(metrics) == {"nll"}
@@ -934,7 +996,7 @@ def test_nll_loss_with_no_loss_tokens_is_zero(be):
     logits, ids = make_logits("normal"), make_ids()
     batch, _ = _nll_batch(be, ids)
     batch["loss_mask"] = be.arr(np.zeros((B, T), dtype=np.float32))
-    loss, _ = F.nll_loss(be.ops, FakeForward(be.arr(logits)), batch)
+    loss, _ = F.nll_loss(be.ops, FakeForward(be.ops, be.arr(logits)), batch)
     assert be.np(loss) == 0.0
 
 
@@ -982,6 +1044,28 @@ def grad_entropy(be, kind, temperature):
     return GradCase(fn, [logits], 0, oracle, ATOL * logit_scale(logits, temperature))
 
 
+def grad_head_terms(be, chunk):
+    """Weighted logprobs plus KL to a fixed model, through head_terms in chunks of rows."""
+    logits, ids = make_logits("normal"), make_ids()
+    other = (logits + np.random.default_rng(12).normal(0, 1.0, size=logits.shape)).astype(
+        np.float32
+    )
+    w = _weights((B, T))
+    w_b, ids_b, other_b = be.arr(w), be.arr(ids), be.arr(other)
+    mask_b = be.arr(np.ones((B, T), np.float32))
+
+    def fn(x):
+        forward = F.LogitsForward(be.ops, x, frozen={"reference": other_b}, chunk=chunk)
+        terms = F.head_terms(be.ops, forward, ids_b, mask_b, temperature=0.8, other="reference")
+        return be.total(w_b * (terms["logprobs"] + terms["divergence"]))
+
+    def oracle(x):
+        lp = oracle_token_logprobs(x, ids, 0.8)
+        return float(np.sum(w * (lp + oracle_token_kl(x, other, 0.8))))
+
+    return GradCase(fn, [logits], 0, oracle, ATOL * logit_scale(logits, 0.8))
+
+
 def grad_masked_mean(be, axis):
     values = np.random.default_rng(8).normal(0.0, 3.0, size=(4, 7)).astype(np.float32)
     mask = _masks()
@@ -1017,7 +1101,7 @@ def grad_nll(be, kind):
     batch, loss_mask = _nll_batch(be, ids)
 
     def fn(x):
-        return F.nll_loss(be.ops, FakeForward(x), batch)[0]
+        return F.nll_loss(be.ops, FakeForward(be.ops, x), batch)[0]
 
     def oracle(x):
         return oracle_nll(x, ids, loss_mask)
@@ -1043,6 +1127,8 @@ GRAD_CASES = {
     },
     "nll_loss-normal": lambda be: grad_nll(be, "normal"),
     "nll_loss-large": lambda be: grad_nll(be, "large"),
+    "head_terms-whole": lambda be: grad_head_terms(be, None),
+    "head_terms-chunks": lambda be: grad_head_terms(be, 4),
 }
 
 

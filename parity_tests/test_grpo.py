@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import partial
 
 import numpy as np
 import pytest
 
 from mlxpost.algorithms.grpo import GRPOConfig, group_advantages, grpo_loss
-
-
-class FixedLogits:
-    """A forward whose logits are given: the loss is then a function of arrays only."""
-
-    def __init__(self, logits):
-        self._logits = logits
-
-    def logits(self, input_ids, attention_mask):
-        return self._logits
+from mlxpost.functional import LogitsForward
 
 
 def log_softmax(z):
@@ -110,10 +102,9 @@ def test_loss_matches_the_oracle_on_every_backend(overrides, array_backends):
     cfg = GRPOConfig(temperature=0.8, **overrides)
     logits, batch = random_batch()
     expected = oracle_loss(logits, batch, cfg)
-    for name, ops, convert in array_backends:
-        loss, metrics = grpo_loss(
-            ops, FixedLogits(convert(logits)), {k: convert(v) for k, v in batch.items()}, cfg
-        )
+    for (name, ops, convert), chunk in itertools.product(array_backends, (None, 5)):
+        forward = LogitsForward(ops, convert(logits), chunk=chunk)  # 32 rows: 7 chunks of 5
+        loss, metrics = grpo_loss(ops, forward, {k: convert(v) for k, v in batch.items()}, cfg)
         got = float(ops.to_numpy(loss))
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name}: {got} vs {expected}"
         clip = float(ops.to_numpy(metrics["clip_fraction"]))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlxpost.algorithms.ppo import PPOConfig, explained_variance, gae, ppo_loss, whiten
+from mlxpost.functional import LogitsForward
 from mlxpost.ops import NumpyOps
 
 
@@ -51,14 +52,6 @@ def test_whiten_and_explained_variance():
     assert explained_variance(np.zeros_like(values), values, mask) == pytest.approx(0.0)
 
 
-class FixedOutputs:
-    def __init__(self, logits, scores):
-        self._logits, self._scores = logits, scores
-
-    def logits_and_scores(self, input_ids, attention_mask):
-        return self._logits, self._scores
-
-
 def oracle_ppo(logits, scores, batch, cfg):
     ids, mask = batch["input_ids"], batch["loss_mask"]
     rows, width = ids.shape
@@ -98,7 +91,9 @@ def test_ppo_loss_matches_the_oracle():
         "returns": (rng.normal(size=(rows, width)) * mask).astype(np.float32),
     }
     cfg = PPOConfig(temperature=0.9, vf_coef=0.5)
-    loss, metrics = ppo_loss(NumpyOps, FixedOutputs(logits, scores), batch, cfg)
+    loss, metrics = ppo_loss(
+        NumpyOps, LogitsForward(NumpyOps, logits, scores=scores, chunk=4), batch, cfg
+    )
     assert float(loss) == pytest.approx(oracle_ppo(logits, scores, batch, cfg), rel=1e-5)
     assert 0 < float(metrics["clip_fraction"]) < 1
 

@@ -15,26 +15,16 @@ from mlxpost.algorithms.dpo import dpo_loss, preference_objective
 from mlxpost.algorithms.kto import kto_loss
 from mlxpost.algorithms.preference import DPOConfig
 from mlxpost.algorithms.rm import RMConfig, rm_loss
+from mlxpost.functional import LogitsForward
 from mlxpost.ops import NumpyOps
 
 BETA = 0.5
 
 
-class FixedModel:
+def fixed_model(ops, logits=None, reference=None, scores=None, chunk=None):
     """A forward whose logits, reference logits and scores are given arrays."""
-
-    def __init__(self, logits=None, reference=None, scores=None):
-        self._logits, self._reference, self._scores = logits, reference, scores
-
-    def logits(self, input_ids, attention_mask):
-        return self._logits
-
-    def frozen_logits(self, role, input_ids, attention_mask):
-        assert role == "reference"
-        return self._reference
-
-    def scores(self, input_ids, attention_mask):
-        return self._scores
+    frozen = {"reference": reference} if reference is not None else {}
+    return LogitsForward(ops, logits, frozen=frozen, scores=scores, chunk=chunk)
 
 
 # ---- oracles, from the papers' formulas ----
@@ -116,7 +106,8 @@ def random_rows(seed, rows=6, width=10, vocab=11):
 
 
 def run_loss(loss_fn, ops, convert, model_arrays, batch, cfg):
-    forward = FixedModel(**{k: convert(v) for k, v in model_arrays.items()})
+    arrays = {k: convert(v) for k, v in model_arrays.items()}
+    forward = fixed_model(ops, **arrays, chunk=7)  # rows of 9 predictions: chunks straddle rows
     loss, metrics = loss_fn(ops, forward, {k: convert(v) for k, v in batch.items()}, cfg)
     return float(ops.to_numpy(loss)), {k: float(ops.to_numpy(v)) for k, v in metrics.items()}
 

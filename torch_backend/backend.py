@@ -7,48 +7,98 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
+from mlxpost.backend_shared.heads import logits_chunk_rows, row_chunks
 from mlxpost.backend_shared.training import process_peak_memory_gb
-from mlxpost.functional import token_logprobs
+from mlxpost.functional import head_terms
 from torch_backend import checkpoint_io, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
 
 class TorchForward:
-    """The differentiable view a loss function receives."""
+    """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
 
     def __init__(self, model: TorchModel):
         self.model = model
 
+    def hidden(self, input_ids, attention_mask):
+        return modeling.hidden_states(self.model, input_ids, attention_mask)
+
+    def hidden_and_scores(self, input_ids, attention_mask):
+        hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
+        return hidden, self.model.score(hidden.float())[..., 0]
+
+    def frozen_hidden(self, role, input_ids, attention_mask):
+        """Final hidden states of the frozen model attached for `role` ("reference",
+        "teacher"); no gradient. A reference that was not attached is this model with its
+        adapter switched off."""
+        with torch.no_grad(), self.frozen_model(role) as other:
+            return modeling.hidden_states(other, input_ids, attention_mask)
+
+    def head(self, hidden, role=None):
+        """float32 logits of hidden states (..., H): this model's head, or (role) the frozen
+        one's, carrying no gradient."""
+        if role is None:
+            return modeling.lm_logits(self.model, hidden).float()
+        with torch.no_grad(), self.frozen_model(role) as other:
+            return modeling.lm_logits(other, hidden).float()
+
+    def map_head_rows(self, fn, rows, role=None):
+        """fn(rows[chunk], chunk) -> {name: (n,) tensor} over chunks of rows (N, H), joined
+        into {name: (N,)}. Chunks hold modeling's logits_chunk_rows rows each; where gradients
+        flow, each chunk runs through torch.utils.checkpoint, so its logits are freed after
+        the forward pass and recomputed, one chunk at a time, in the backward."""
+        chunks = row_chunks(rows.shape[0], modeling.logits_chunk(self.model))
+        if len(chunks) == 1:
+            return fn(rows, chunks[0])
+        recompute = role is None and torch.is_grad_enabled() and rows.requires_grad
+        names, pieces = [], []
+        for chunk in chunks:
+
+            def run(part, chunk=chunk):
+                out = fn(part, chunk)
+                names[:] = list(out)
+                return tuple(out[name] for name in names)
+
+            if recompute:
+                pieces.append(checkpoint(run, rows[chunk], use_reentrant=False))
+            else:
+                pieces.append(run(rows[chunk]))
+        return {name: torch.cat([p[i] for p in pieces]) for i, name in enumerate(names)}
+
+    @contextlib.contextmanager
+    def frozen_model(self, role):
+        other = self.model.frozen.get(role)
+        if other is not None:
+            yield other
+            return
+        if role != "reference" or not self.model.lora:
+            raise ValueError(f"no {role} model attached (and no adapter to switch off)")
+        for layer in self.model.lora.values():
+            layer.enabled = False
+        try:
+            yield self.model
+        finally:
+            for layer in self.model.lora.values():
+                layer.enabled = True
+
+    # The whole (B, T, V) logits, for losses that need them as they are.
     def logits(self, input_ids, attention_mask):
-        return modeling.logits(self.model, input_ids, attention_mask).float()
+        return self.head(self.hidden(input_ids, attention_mask))
 
     def scores(self, input_ids, attention_mask):
         return modeling.scores(self.model, input_ids, attention_mask)
 
     def logits_and_scores(self, input_ids, attention_mask):
-        logits, scores = modeling.logits_and_scores(self.model, input_ids, attention_mask)
-        return logits.float(), scores
+        hidden, scores = self.hidden_and_scores(input_ids, attention_mask)
+        return self.head(hidden), scores
 
     def frozen_logits(self, role, input_ids, attention_mask):
-        """Logits of the frozen model attached for `role` ("reference", "teacher"); no gradient.
-        A reference that was not attached is this model with its adapter switched off."""
-        with torch.no_grad():
-            other = self.model.frozen.get(role)
-            if other is not None:
-                return modeling.logits(other, input_ids, attention_mask).float()
-            if role != "reference" or not self.model.lora:
-                raise ValueError(f"no {role} model attached (and no adapter to switch off)")
-            for layer in self.model.lora.values():
-                layer.enabled = False
-            try:
-                return modeling.logits(self.model, input_ids, attention_mask).float()
-            finally:
-                for layer in self.model.lora.values():
-                    layer.enabled = True
+        return self.head(self.frozen_hidden(role, input_ids, attention_mask), role)
 
 
 class TorchBackend:
@@ -123,6 +173,11 @@ class TorchBackend:
     def set_grad_checkpoint(self, model: TorchModel, enabled: bool) -> None:
         modeling.set_grad_checkpoint(model, enabled)
 
+    def set_logits_chunk(self, model: TorchModel, rows: int | None) -> None:
+        """Rows of logits the loss head computes at once (None: the default; 0: all)."""
+        logits_chunk_rows(rows, 1)  # refuses a negative count
+        model.logits_chunk = rows
+
     def set_adapter_enabled(self, model: TorchModel, enabled: bool) -> None:
         for layer in model.lora.values():
             layer.enabled = enabled
@@ -189,8 +244,8 @@ class TorchBackend:
     @torch.no_grad()
     def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        out = token_logprobs(self.ops, modeling.logits(model, ids, mask), ids, temperature)
-        return out.cpu().numpy()
+        terms = head_terms(self.ops, TorchForward(model), ids, mask, temperature=temperature)
+        return terms["logprobs"].cpu().numpy()
 
     @torch.no_grad()
     def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:

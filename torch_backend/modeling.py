@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
-from mlxpost.backend_shared.heads import init_scalar_head
+from mlxpost.backend_shared.heads import init_scalar_head, logits_chunk_rows
 from mlxpost.errors import UserError, first_line
 from mlxpost.model_dir import read_config
 
@@ -36,6 +36,7 @@ class TorchModel:
     lora_targets: tuple[str, ...] = ()
     score: nn.Linear | None = None
     frozen: dict = field(default_factory=dict)  # role -> TorchModel (reference, teacher)
+    logits_chunk: int | None = None  # rows of logits at once in losses (heads.logits_chunk_rows)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -178,17 +179,20 @@ def hidden_states(
     return out.last_hidden_state  # (B, T, H), after the final norm
 
 
-def logits_and_scores(model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Logits and scalar-head outputs from one pass through the trunk (a PPO critic on the
-    policy's own trunk)."""
-    hidden = hidden_states(model, input_ids, attention_mask)
+def lm_logits(model: TorchModel, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., H) final hidden states -> (..., V) logits in the model dtype. Gemma-2 and -3 cap
+    their logits after the head, as their forward does (transformers' config, not
+    config.json: Gemma-2's default cap applies when config.json leaves it out)."""
     logits = model.module.lm_head(hidden)
-    # Gemma-2 and -3 cap their logits after the head, as their forward does (transformers'
-    # config, not config.json: Gemma-2's default cap applies when config.json leaves it out).
     cap = getattr(model.module.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits, model.score(hidden.float())[..., 0]
+    return logits
+
+
+def logits_chunk(model: TorchModel) -> int | None:
+    """Rows of logits a loss computes at once (None: all)."""
+    return logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
 
 
 def attach_scalar_head(model: TorchModel, seed: int) -> None:

@@ -74,8 +74,12 @@ def sample(
     eos = torch.as_tensor(list(eos_ids), device=device)
 
     cache_name = cache_keyword(model.module)
-    out = model.module(
-        input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True
+    out = model.module(  # logits of the last position only: never (B, P, V) for the prompt
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions(mask),
+        use_cache=True,
+        logits_to_keep=1,
     )
     cache, logits = out[cache_name], out.logits[:, -1]  # (B, V)
     next_position = positions(mask)[:, -1] + 1  # (B,)

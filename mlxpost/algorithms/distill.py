@@ -23,7 +23,7 @@ from functools import partial
 from mlxpost.algorithms.sft import SFT, SFTConfig
 from mlxpost.config import option
 from mlxpost.errors import UserError
-from mlxpost.functional import masked_mean, token_jsd, token_kl, token_logprobs
+from mlxpost.functional import head_terms, masked_mean
 from mlxpost.loop import Session
 from mlxpost.tokenizer import load_tokenizer
 
@@ -47,20 +47,26 @@ class DistillConfig(SFTConfig):
     )
 
 
+# --divergence -> head_terms' divergence of the student against the teacher
+HEAD_DIVERGENCE = {"forward_kl": "kl_from_other", "reverse_kl": "kl", "jsd": "jsd"}
+
+
 def distill_loss(
     ops, forward, batch, divergence: str, beta: float, temperature: float, sft_weight: float
 ):
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logits = forward.logits(ids, mask)
-    teacher = forward.frozen_logits("teacher", ids, mask)
-    if divergence == "forward_kl":
-        per_token = token_kl(ops, teacher, logits, temperature)
-    elif divergence == "reverse_kl":
-        per_token = token_kl(ops, logits, teacher, temperature)
-    else:
-        per_token = token_jsd(ops, logits, teacher, beta, temperature)
-    distance = masked_mean(ops, per_token, loss_mask)
-    nll = -masked_mean(ops, token_logprobs(ops, logits, ids), loss_mask)
+    terms = head_terms(
+        ops,
+        forward,
+        ids,
+        mask,
+        other="teacher",
+        divergence=HEAD_DIVERGENCE[divergence],
+        beta=beta,
+        divergence_temperature=temperature,
+    )
+    distance = masked_mean(ops, terms["divergence"], loss_mask)
+    nll = -masked_mean(ops, terms["logprobs"], loss_mask)
     return distance + sft_weight * nll, {"divergence": distance, "nll": nll}
 
 

@@ -34,7 +34,7 @@ from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.batching import split_batch
 from mlxpost.config import option
 from mlxpost.errors import UserError
-from mlxpost.functional import kl_estimate, masked_mean, masked_sum, token_entropy, token_logprobs
+from mlxpost.functional import head_terms, kl_estimate, masked_mean, masked_sum
 from mlxpost.loop import Algorithm, Session
 
 ADVANTAGES = ("group", "batch", "none", "rank")
@@ -102,8 +102,8 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
     normaliser (scalar tokens for bnpo/dapo/dr_grpo).
     """
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logits = forward.logits(ids, mask)
-    logprobs = token_logprobs(ops, logits, ids, cfg.temperature)  # (B, T)
+    terms = head_terms(ops, forward, ids, mask, temperature=cfg.temperature, entropy=True)
+    logprobs = terms["logprobs"]  # (B, T)
     log_ratio = (logprobs - batch["old_logprobs"]) * loss_mask
     if cfg.importance == "sequence":
         # GSPO: one ratio per sequence, the geometric mean of its token ratios.
@@ -126,9 +126,7 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
         "policy_loss": loss,
         "clip_fraction": masked_mean(ops, clipped, loss_mask),
         "kl": masked_mean(ops, kl, loss_mask),
-        "entropy": masked_mean(  # a metric only: no gradient flows back through it
-            ops, token_entropy(ops, ops.stop_gradient(logits), cfg.temperature), loss_mask
-        ),
+        "entropy": masked_mean(ops, terms["entropy"], loss_mask),  # no gradient: a metric
         "logprob_gap": masked_mean(ops, ops.abs(logprobs - batch["old_logprobs"]), loss_mask),
     }
     return loss, metrics

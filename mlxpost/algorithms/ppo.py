@@ -25,7 +25,7 @@ import numpy as np
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.batching import split_indices
 from mlxpost.config import option
-from mlxpost.functional import kl_estimate, masked_mean, token_entropy, token_logprobs
+from mlxpost.functional import head_terms, kl_estimate, masked_mean
 from mlxpost.loop import Algorithm, Session
 from mlxpost.ops import NumpyOps
 
@@ -97,8 +97,11 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
     output at t - 1, the state it was chosen in).
     """
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    logits, scores = forward.logits_and_scores(ids, mask)
-    logprobs = token_logprobs(ops, logits, ids, cfg.temperature)
+    hidden, scores = forward.hidden_and_scores(ids, mask)
+    terms = head_terms(
+        ops, forward, ids, mask, hidden=hidden, temperature=cfg.temperature, entropy=True
+    )
+    logprobs = terms["logprobs"]
     values = ops.concatenate([ops.zeros((scores.shape[0], 1)), scores[:, :-1]], axis=1)
     log_ratio = (logprobs - batch["old_logprobs"]) * loss_mask
     ratio = ops.exp(log_ratio)
@@ -119,9 +122,7 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
         "value_loss": value_loss,
         "clip_fraction": masked_mean(ops, ops.where(pg_loss2 > pg_loss1, 1.0, 0.0), loss_mask),
         "approx_kl": masked_mean(ops, (ratio - 1.0) - log_ratio, loss_mask),
-        "entropy": masked_mean(  # a metric only: no gradient flows back through it
-            ops, token_entropy(ops, ops.stop_gradient(logits), cfg.temperature), loss_mask
-        ),
+        "entropy": masked_mean(ops, terms["entropy"], loss_mask),  # no gradient: a metric
     }
     return loss, metrics
 

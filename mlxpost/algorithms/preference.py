@@ -38,7 +38,7 @@ from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
 from mlxpost.errors import UserError
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
-from mlxpost.functional import masked_mean, masked_sum, token_logprobs
+from mlxpost.functional import head_terms, masked_mean, masked_sum
 from mlxpost.loop import Algorithm, Session
 
 PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # DPO's (dpo.py)
@@ -107,11 +107,6 @@ class DPOConfig(TrainConfig):
 # ---- the math: sequence logprobs against the reference ----
 
 
-def sequence_logprobs(ops, logits, input_ids, loss_mask, average: bool = False):
-    """(B,) sum (or per-token mean) of the completion tokens' logprobs."""
-    return reduce_logprobs(ops, token_logprobs(ops, logits, input_ids), loss_mask, average)
-
-
 def reduce_logprobs(ops, logprobs, loss_mask, average: bool):
     if average:
         return masked_mean(ops, logprobs, loss_mask, axis=1)
@@ -123,11 +118,11 @@ def policy_and_reference(ops, forward, batch, reference_mode: str, average: bool
     logprobs and sequence logprobs under the policy, and the reference's sequence logprobs,
     `ref_logps` (N,) when precomputed, else computed now (live) and without gradient."""
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    token_lp = token_logprobs(ops, forward.logits(ids, mask), ids)
+    token_lp = head_terms(ops, forward, ids, mask)["logprobs"]
     policy = reduce_logprobs(ops, token_lp, loss_mask, average)
     if reference_mode == "live":
-        frozen = forward.frozen_logits("reference", ids, mask)
-        ref = ops.stop_gradient(sequence_logprobs(ops, frozen, ids, loss_mask, average))
+        frozen = head_terms(ops, forward, ids, mask, role="reference")["logprobs"]
+        ref = ops.stop_gradient(reduce_logprobs(ops, frozen, loss_mask, average))
     else:
         ref = batch["ref_logps"]
     return token_lp, policy, ref

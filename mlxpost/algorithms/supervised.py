@@ -21,7 +21,7 @@ from mlxpost.data import (
     tokenize_examples,
 )
 from mlxpost.errors import UserError
-from mlxpost.functional import masked_mean, prediction_mask, token_kl, token_logprobs
+from mlxpost.functional import head_terms, masked_mean, prediction_mask
 
 # Sequence widths are rounded up to a multiple of this, so MLX compiles few distinct shapes.
 WIDTH_MULTIPLE = 16
@@ -142,13 +142,19 @@ def nll_and_kl_loss(ops, forward, batch, kl_beta: float = 0.0, measure_kl: bool 
     The KL is the exact per-position KL of the next-token distributions (not a
     sampled estimate), averaged over the loss tokens (InstructGPT-style penalty).
     """
-    logits = forward.logits(batch["input_ids"], batch["attention_mask"])
-    nll = -masked_mean(ops, token_logprobs(ops, logits, batch["input_ids"]), batch["loss_mask"])
+    with_kl = kl_beta > 0 or measure_kl
+    terms = head_terms(
+        ops,
+        forward,
+        batch["input_ids"],
+        batch["attention_mask"],
+        other="reference" if with_kl else None,
+    )
+    nll = -masked_mean(ops, terms["logprobs"], batch["loss_mask"])
     metrics = {"nll": nll}
     loss = nll
-    if kl_beta > 0 or measure_kl:
-        reference = forward.frozen_logits("reference", batch["input_ids"], batch["attention_mask"])
-        kl = masked_mean(ops, token_kl(ops, logits, reference), batch["loss_mask"])
+    if with_kl:
+        kl = masked_mean(ops, terms["divergence"], batch["loss_mask"])
         metrics["kl"] = kl
         if kl_beta > 0:
             loss = nll + kl_beta * kl

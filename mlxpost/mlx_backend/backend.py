@@ -10,47 +10,96 @@ import numpy as np
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
-from mlxpost.functional import token_logprobs
+from mlxpost.backend_shared.heads import logits_chunk_rows, row_chunks
+from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
+from mlxpost.mlx_backend.models.gpt2 import checkpointed
 from mlxpost.mlx_backend.ops import MLXOps
 
 
 class MLXForward:
-    """The differentiable view a loss function receives."""
+    """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
 
     def __init__(self, model: MLXModel):
         self.model = model
 
-    def logits(self, input_ids, attention_mask):
-        return modeling.logits(self.model, input_ids, attention_mask).astype(mx.float32)
+    def hidden(self, input_ids, attention_mask):
+        return modeling.hidden_states(self.model, input_ids, attention_mask)
 
-    def scores(self, input_ids, attention_mask):
-        return modeling.scores(self.model, input_ids, attention_mask)
+    def hidden_and_scores(self, input_ids, attention_mask):
+        hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
+        return hidden, self.model.module.score(hidden.astype(mx.float32))[..., 0]
 
-    def logits_and_scores(self, input_ids, attention_mask):
-        logits, scores = modeling.logits_and_scores(self.model, input_ids, attention_mask)
-        return logits.astype(mx.float32), scores
+    def frozen_hidden(self, role, input_ids, attention_mask):
+        """Final hidden states of the frozen model attached for `role` ("reference",
+        "teacher"); no gradient. A reference that was not attached is this model with its
+        adapter switched off."""
+        with self.frozen_model(role) as other:
+            return mx.stop_gradient(modeling.hidden_states(other, input_ids, attention_mask))
 
-    def frozen_logits(self, role, input_ids, attention_mask):
-        """Logits of the frozen model attached for `role` ("reference", "teacher"); no gradient.
-        A reference that was not attached is this model with its adapter switched off."""
+    def head(self, hidden, role=None):
+        """float32 logits of hidden states (..., H): this model's head, or (role) the frozen
+        one's, carrying no gradient."""
+        if role is None:
+            return self.model.module.lm_logits(hidden).astype(mx.float32)
+        with self.frozen_model(role) as other:
+            return mx.stop_gradient(other.module.lm_logits(hidden).astype(mx.float32))
+
+    def map_head_rows(self, fn, rows, role=None):
+        """fn(rows[chunk], chunk) -> {name: (n,) array} over chunks of rows (N, H), joined
+        into {name: (N,)}. Chunks hold modeling's logits_chunk_rows rows each; through this
+        model's head (role None) each chunk runs through mx.checkpoint, so its logits are
+        freed after the forward pass and recomputed, one chunk at a time, in the backward."""
+        chunks = row_chunks(rows.shape[0], modeling.logits_chunk(self.model))
+        if len(chunks) == 1:
+            return fn(rows, chunks[0])
+        module, names, pieces = self.model.module.head_module(), [], []
+        for chunk in chunks:
+            if role is None:
+
+                def run(part, chunk=chunk):
+                    out = fn(part, chunk)
+                    names[:] = list(out)
+                    return [out[name] for name in names]
+
+                pieces.append(checkpointed(module, run, rows[chunk]))
+            else:
+                out = fn(rows[chunk], chunk)
+                names[:] = list(out)
+                pieces.append([out[name] for name in names])
+        return {name: mx.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}
+
+    @contextlib.contextmanager
+    def frozen_model(self, role):
         other = self.model.frozen.get(role)
         if other is not None:
-            return mx.stop_gradient(
-                modeling.logits(other, input_ids, attention_mask).astype(mx.float32)
-            )
+            yield other
+            return
         if role != "reference" or not self.model.lora:
             raise ValueError(f"no {role} model attached (and no adapter to switch off)")
         # Inside a compiled step these switches happen at trace time: the graph holds both passes.
         for layer in self.model.lora.values():
             layer.enabled = False
         try:
-            logits = modeling.logits(self.model, input_ids, attention_mask).astype(mx.float32)
+            yield self.model
         finally:
             for layer in self.model.lora.values():
                 layer.enabled = True
-        return mx.stop_gradient(logits)
+
+    # The whole (B, T, V) logits, for losses that need them as they are.
+    def logits(self, input_ids, attention_mask):
+        return self.head(self.hidden(input_ids, attention_mask))
+
+    def scores(self, input_ids, attention_mask):
+        return modeling.scores(self.model, input_ids, attention_mask)
+
+    def logits_and_scores(self, input_ids, attention_mask):
+        hidden, scores = self.hidden_and_scores(input_ids, attention_mask)
+        return self.head(hidden), scores
+
+    def frozen_logits(self, role, input_ids, attention_mask):
+        return self.head(self.frozen_hidden(role, input_ids, attention_mask), role)
 
 
 class MLXBackend:
@@ -115,6 +164,12 @@ class MLXBackend:
         model.module.grad_checkpoint = bool(enabled)
         model.grad_functions.clear()  # compiled steps bake the setting in
 
+    def set_logits_chunk(self, model: MLXModel, rows: int | None) -> None:
+        """Rows of logits the loss head computes at once (None: the default; 0: all)."""
+        logits_chunk_rows(rows, 1)  # refuses a negative count
+        model.logits_chunk = rows
+        model.grad_functions.clear()  # compiled steps bake the setting in
+
     def set_adapter_enabled(self, model: MLXModel, enabled: bool) -> None:
         for layer in model.lora.values():
             layer.enabled = enabled
@@ -172,8 +227,8 @@ class MLXBackend:
     # ---- compute ----
     def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
         ids, mask = self.array(input_ids), self.array(attention_mask)
-        out = token_logprobs(self.ops, modeling.logits(model, ids, mask), ids, temperature)
-        return np.array(out)
+        terms = head_terms(self.ops, MLXForward(model), ids, mask, temperature=temperature)
+        return np.array(terms["logprobs"])
 
     def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.array(input_ids), self.array(attention_mask)

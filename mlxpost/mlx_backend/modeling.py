@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxpost.backend import LoraConfig
-from mlxpost.backend_shared.heads import init_scalar_head
+from mlxpost.backend_shared.heads import init_scalar_head, logits_chunk_rows
 from mlxpost.errors import UserError, first_line
 from mlxpost.mlx_backend.lora import named_parameters, replace_module
 from mlxpost.mlx_backend.models.common import load_model
@@ -37,6 +37,7 @@ class MLXModel:
     lora_cfg: LoraConfig | None = None
     lora_targets: tuple[str, ...] = ()
     frozen: dict = field(default_factory=dict)  # role -> MLXModel (reference, teacher)
+    logits_chunk: int | None = None  # rows of logits at once in losses (heads.logits_chunk_rows)
     grad_functions: dict = field(
         default_factory=dict
     )  # compiled value-and-grad per loss (training.py)
@@ -123,13 +124,6 @@ def logits(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx
     return model.module.lm_logits(hidden_states(model, input_ids, attention_mask))  # (B, T, V)
 
 
-def logits_and_scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array):
-    """Logits and scalar-head outputs from one pass through the trunk (a PPO critic on the
-    policy's own trunk)."""
-    hidden = hidden_states(model, input_ids, attention_mask)
-    return model.module.lm_logits(hidden), model.module.score(hidden.astype(mx.float32))[..., 0]
-
-
 def attach_scalar_head(model: MLXModel, seed: int) -> None:
     weight, bias = init_scalar_head(model_hidden_size(model), seed)
     head = nn.Linear(weight.shape[1], 1)
@@ -142,6 +136,11 @@ def scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx
         raise ValueError("this model has no scalar head; attach one first")
     hidden = hidden_states(model, input_ids, attention_mask)
     return model.module.score(hidden.astype(mx.float32))[..., 0]  # (B, T)
+
+
+def logits_chunk(model: MLXModel) -> int | None:
+    """Rows of logits a loss computes at once (None: all)."""
+    return logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
 
 
 def model_hidden_size(model: MLXModel) -> int:

@@ -384,6 +384,10 @@ class Model(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
+    def head_module(self) -> nn.Module:
+        """The module lm_logits computes with (its parameters are the head's)."""
+        return self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+
     def lm_logits(self, hidden: mx.array) -> mx.array:
         """(B, T, hidden) -> (B, T, V) logits in the model dtype (soft-capped where configured)."""
         if self.tie_word_embeddings:

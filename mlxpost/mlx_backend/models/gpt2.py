@@ -16,10 +16,15 @@ from .common import KVCache, attention, attention_bias, get_activation
 
 
 def checkpointed_block(block: nn.Module, *inputs: mx.array) -> mx.array:
-    """block(*inputs, None) through mx.checkpoint: only the block's inputs are kept for the
-    backward pass, which runs the block again to get its activations.
+    """block(*inputs, None) through mx.checkpoint (see checkpointed)."""
+    return checkpointed(block, lambda *arrays: block(*arrays, None), *inputs)
 
-    The block's trainable parameters are inputs of the checkpointed function, so their
+
+def checkpointed(module: nn.Module, fn, *inputs: mx.array):
+    """fn(*inputs), a computation with `module`, through mx.checkpoint: only the inputs are
+    kept for the backward pass, which runs fn again to get its intermediates.
+
+    The module's trainable parameters are inputs of the checkpointed function, so their
     gradients flow through the recomputation; its own parameters are put back after each run,
     so it never keeps the traced copies. Dropout (LoRA's, in training steps) draws its masks
     from one key taken before the call, so the recomputation draws the same masks. Never with
@@ -27,7 +32,7 @@ def checkpointed_block(block: nn.Module, *inputs: mx.array) -> mx.array:
     """
     dropouts = [
         (parent, name, child)
-        for _, parent in block.named_modules()
+        for _, parent in module.named_modules()
         for name, child in parent.items()
         if isinstance(child, nn.Dropout) and child.training and child._p_1 < 1
     ]
@@ -36,19 +41,19 @@ def checkpointed_block(block: nn.Module, *inputs: mx.array) -> mx.array:
         key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
 
     def run(params, *arrays):
-        own = block.trainable_parameters()
-        block.update(params)
+        own = module.trainable_parameters()
+        module.update(params)
         keys = mx.random.split(key, len(dropouts)) if dropouts else []
         for (parent, name, child), sub in zip(dropouts, keys):
             parent[name] = KeyedDropout(child._p_1, sub)
         try:
-            return block(*arrays, None)
+            return fn(*arrays)
         finally:
             for parent, name, child in dropouts:
                 parent[name] = child
-            block.update(own)
+            module.update(own)
 
-    return mx.checkpoint(run)(block.trainable_parameters(), *inputs)
+    return mx.checkpoint(run)(module.trainable_parameters(), *inputs)
 
 
 class KeyedDropout(nn.Module):
@@ -224,6 +229,10 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         return body.ln_f(x)
+
+    def head_module(self) -> nn.Module:
+        """The module lm_logits computes with (its parameters are the head's)."""
+        return self.transformer.wte if self.tie_word_embeddings else self.lm_head
 
     def lm_logits(self, hidden: mx.array) -> mx.array:
         """(B, T, C) -> (B, T, V) through the (tied) embedding, in the model dtype."""
