@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
-from mlxpost.backend_shared.heads import logits_chunk_rows, row_chunks
+from mlxpost.backend_shared.forward import SharedForward
+from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.functional import head_terms
 from torch_backend import checkpoint_io, lora, modeling, sampling, training
@@ -19,11 +20,8 @@ from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
 
-class TorchForward:
+class TorchForward(SharedForward):
     """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
-
-    def __init__(self, model: TorchModel):
-        self.model = model
 
     def hidden(self, input_ids, attention_mask):
         return modeling.hidden_states(self.model, input_ids, attention_mask)
@@ -32,10 +30,11 @@ class TorchForward:
         hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
         return hidden, self.model.score(hidden.float())[..., 0]
 
+    def scores(self, input_ids, attention_mask):
+        return modeling.scores(self.model, input_ids, attention_mask)
+
     def frozen_hidden(self, role, input_ids, attention_mask):
-        """Final hidden states of the frozen model attached for `role` ("reference",
-        "teacher"); no gradient. A reference that was not attached is this model with its
-        adapter switched off."""
+        """Final hidden states of the frozen model for `role` (frozen_model); no gradient."""
         with torch.no_grad(), self.frozen_model(role) as other:
             return modeling.hidden_states(other, input_ids, attention_mask)
 
@@ -47,58 +46,16 @@ class TorchForward:
         with torch.no_grad(), self.frozen_model(role) as other:
             return modeling.lm_logits(other, hidden).float()
 
-    def map_head_rows(self, fn, rows, role=None):
-        """fn(rows[chunk], chunk) -> {name: (n,) tensor} over chunks of rows (N, H), joined
-        into {name: (N,)}. Chunks hold modeling's logits_chunk_rows rows each; where gradients
-        flow, each chunk runs through torch.utils.checkpoint, so its logits are freed after
-        the forward pass and recomputed, one chunk at a time, in the backward."""
-        chunks = row_chunks(rows.shape[0], modeling.logits_chunk(self.model))
-        if len(chunks) == 1:
-            return fn(rows, chunks[0])
-        recompute = role is None and torch.is_grad_enabled() and rows.requires_grad
-        names, pieces = [], []
-        for chunk in chunks:
+    def recomputes(self, rows) -> bool:
+        return torch.is_grad_enabled() and rows.requires_grad
 
-            def run(part, chunk=chunk):
-                out = fn(part, chunk)
-                names[:] = list(out)
-                return tuple(out[name] for name in names)
+    def checkpointed(self, fn, rows):
+        """Non-reentrant torch.utils.checkpoint: closures' parameters get their gradients."""
+        return checkpoint(fn, rows, use_reentrant=False)
 
-            if recompute:
-                pieces.append(checkpoint(run, rows[chunk], use_reentrant=False))
-            else:
-                pieces.append(run(rows[chunk]))
-        return {name: torch.cat([p[i] for p in pieces]) for i, name in enumerate(names)}
-
-    @contextlib.contextmanager
-    def frozen_model(self, role):
-        other = self.model.frozen.get(role)
-        if other is not None:
-            yield other
-            return
-        if role != "reference" or not self.model.lora:
-            raise ValueError(f"no {role} model attached (and no adapter to switch off)")
-        for layer in self.model.lora.values():
-            layer.enabled = False
-        try:
-            yield self.model
-        finally:
-            for layer in self.model.lora.values():
-                layer.enabled = True
-
-    # The whole (B, T, V) logits, for losses that need them as they are.
-    def logits(self, input_ids, attention_mask):
-        return self.head(self.hidden(input_ids, attention_mask))
-
-    def scores(self, input_ids, attention_mask):
-        return modeling.scores(self.model, input_ids, attention_mask)
-
-    def logits_and_scores(self, input_ids, attention_mask):
-        hidden, scores = self.hidden_and_scores(input_ids, attention_mask)
-        return self.head(hidden), scores
-
-    def frozen_logits(self, role, input_ids, attention_mask):
-        return self.head(self.frozen_hidden(role, input_ids, attention_mask), role)
+    @staticmethod
+    def concatenate(tensors):
+        return torch.cat(tensors)
 
 
 class TorchBackend:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
-from mlxpost.backend_shared.heads import init_scalar_head, logits_chunk_rows
+from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.errors import UserError, first_line
 from mlxpost.model_dir import read_config
 
@@ -188,11 +188,6 @@ def lm_logits(model: TorchModel, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def logits_chunk(model: TorchModel) -> int | None:
-    """Rows of logits a loss computes at once (None: all)."""
-    return logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
 
 
 def attach_scalar_head(model: TorchModel, seed: int) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
-from mlxpost.backend_shared.heads import logits_chunk_rows, row_chunks
+from mlxpost.backend_shared.forward import SharedForward
+from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
@@ -18,11 +19,8 @@ from mlxpost.mlx_backend.models.gpt2 import checkpointed
 from mlxpost.mlx_backend.ops import MLXOps
 
 
-class MLXForward:
+class MLXForward(SharedForward):
     """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
-
-    def __init__(self, model: MLXModel):
-        self.model = model
 
     def hidden(self, input_ids, attention_mask):
         return modeling.hidden_states(self.model, input_ids, attention_mask)
@@ -31,10 +29,11 @@ class MLXForward:
         hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
         return hidden, self.model.module.score(hidden.astype(mx.float32))[..., 0]
 
+    def scores(self, input_ids, attention_mask):
+        return modeling.scores(self.model, input_ids, attention_mask)
+
     def frozen_hidden(self, role, input_ids, attention_mask):
-        """Final hidden states of the frozen model attached for `role` ("reference",
-        "teacher"); no gradient. A reference that was not attached is this model with its
-        adapter switched off."""
+        """Final hidden states of the frozen model for `role` (frozen_model); no gradient."""
         with self.frozen_model(role) as other:
             return mx.stop_gradient(modeling.hidden_states(other, input_ids, attention_mask))
 
@@ -46,60 +45,11 @@ class MLXForward:
         with self.frozen_model(role) as other:
             return mx.stop_gradient(other.module.lm_logits(hidden).astype(mx.float32))
 
-    def map_head_rows(self, fn, rows, role=None):
-        """fn(rows[chunk], chunk) -> {name: (n,) array} over chunks of rows (N, H), joined
-        into {name: (N,)}. Chunks hold modeling's logits_chunk_rows rows each; through this
-        model's head (role None) each chunk runs through mx.checkpoint, so its logits are
-        freed after the forward pass and recomputed, one chunk at a time, in the backward."""
-        chunks = row_chunks(rows.shape[0], modeling.logits_chunk(self.model))
-        if len(chunks) == 1:
-            return fn(rows, chunks[0])
-        module, names, pieces = self.model.module.head_module(), [], []
-        for chunk in chunks:
-            if role is None:
+    def checkpointed(self, fn, rows):
+        """mx.checkpoint with the head's parameters as inputs, so their gradients flow."""
+        return checkpointed(self.model.module.head_module(), fn, rows)
 
-                def run(part, chunk=chunk):
-                    out = fn(part, chunk)
-                    names[:] = list(out)
-                    return [out[name] for name in names]
-
-                pieces.append(checkpointed(module, run, rows[chunk]))
-            else:
-                out = fn(rows[chunk], chunk)
-                names[:] = list(out)
-                pieces.append([out[name] for name in names])
-        return {name: mx.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}
-
-    @contextlib.contextmanager
-    def frozen_model(self, role):
-        other = self.model.frozen.get(role)
-        if other is not None:
-            yield other
-            return
-        if role != "reference" or not self.model.lora:
-            raise ValueError(f"no {role} model attached (and no adapter to switch off)")
-        # Inside a compiled step these switches happen at trace time: the graph holds both passes.
-        for layer in self.model.lora.values():
-            layer.enabled = False
-        try:
-            yield self.model
-        finally:
-            for layer in self.model.lora.values():
-                layer.enabled = True
-
-    # The whole (B, T, V) logits, for losses that need them as they are.
-    def logits(self, input_ids, attention_mask):
-        return self.head(self.hidden(input_ids, attention_mask))
-
-    def scores(self, input_ids, attention_mask):
-        return modeling.scores(self.model, input_ids, attention_mask)
-
-    def logits_and_scores(self, input_ids, attention_mask):
-        hidden, scores = self.hidden_and_scores(input_ids, attention_mask)
-        return self.head(hidden), scores
-
-    def frozen_logits(self, role, input_ids, attention_mask):
-        return self.head(self.frozen_hidden(role, input_ids, attention_mask), role)
+    concatenate = staticmethod(mx.concatenate)
 
 
 class MLXBackend:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxpost.backend import LoraConfig
-from mlxpost.backend_shared.heads import init_scalar_head, logits_chunk_rows
+from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.errors import UserError, first_line
 from mlxpost.mlx_backend.lora import named_parameters, replace_module
 from mlxpost.mlx_backend.models.common import load_model
@@ -136,11 +136,6 @@ def scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx
         raise ValueError("this model has no scalar head; attach one first")
     hidden = hidden_states(model, input_ids, attention_mask)
     return model.module.score(hidden.astype(mx.float32))[..., 0]  # (B, T)
-
-
-def logits_chunk(model: MLXModel) -> int | None:
-    """Rows of logits a loss computes at once (None: all)."""
-    return logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
 
 
 def model_hidden_size(model: MLXModel) -> int:
