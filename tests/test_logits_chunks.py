@@ -89,19 +89,19 @@ def lora_model(backend, path, extras):
 
 
 class Recomputations:
-    """Counts chunks run through checkpointing (torch.utils.checkpoint / mx.checkpoint)."""
+    """Counts chunks run so that the backward pass recomputes them (torch.utils.checkpoint;
+    MLX's chained custom function)."""
 
     def __init__(self, backend, monkeypatch):
         self.count = 0
         if backend.name == "torch":
             import torch_backend.backend as module
 
-            original = module.checkpoint
-            monkeypatch.setattr(module, "checkpoint", self.counting(original))
+            monkeypatch.setattr(module, "checkpoint", self.counting(module.checkpoint))
         else:
-            import mlx.core as mx
+            import mlxpost.mlx_backend.backend as module
 
-            monkeypatch.setattr(mx, "checkpoint", self.counting(mx.checkpoint))
+            monkeypatch.setattr(module, "chained_chunk", self.counting(module.chained_chunk))
 
     def counting(self, original):
         def wrapped(*args, **kwargs):
@@ -120,7 +120,7 @@ def whole_and_chunked(backend, model, loss_fn, batch, monkeypatch):
         runs.append((*backend.loss_and_grads(model, loss_fn, batch), counter.count))
     (whole_loss, whole_metrics, whole, whole_count), (loss, metrics, grads, count) = runs
     assert whole_count == 0
-    # MLX traces one checkpoint per chunk; torch calls one per chunk in the forward pass.
+    # One call per chunk (MLX: while tracing the step; torch: in the forward pass).
     assert count == len(row_chunks(ROWS * (WIDTH - 1), CHUNK)), count
     assert loss == pytest.approx(whole_loss, rel=RTOL, abs=1e-7)
     assert metrics.keys() == whole_metrics.keys()
@@ -201,3 +201,37 @@ def test_parity_checks_chunked_gradients(tiny_dir):
     assert check.ok and check.max_abs_diff <= check.tolerance, check
     assert "vs its whole-logits" in check.detail, check.detail
     assert all(model.logits_chunk is None for model in run.models)
+
+
+def test_mlx_head_memory_does_not_grow_with_the_batch(tmp_path):
+    """At a 65,536-token vocabulary, an MLX training step's peak grows with the batch by far
+    less than one float32 copy of the added rows' logits: the chunks run one after another."""
+    mx = pytest.importorskip("mlx.core")
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=65_536,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=True,
+    )
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    backend = get_backend("mlx")
+    model = backend.load_model(str(tmp_path))
+    backend.attach_lora(model, LoraConfig(rank=4, alpha=8), seed=0)
+    backend.set_logits_chunk(model, 16)
+    peaks = {}
+    for rows in (2, 8):
+        ids = np.random.default_rng(rows).integers(3, 65_536, size=(rows, 65))
+        mask = np.ones_like(ids)
+        batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": prediction_mask(mask)}
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        backend.loss_and_grads(model, nll_loss, batch)
+        peaks[rows] = mx.get_peak_memory() - base
+    one_copy = (8 - 2) * 64 * 65_536 * 4  # float32 logits of the added positions
+    assert peaks[8] - peaks[2] < 0.05 * one_copy, (peaks, one_copy)

@@ -15,8 +15,10 @@ class SharedForward:
         self.model = model  # MLXModel or TorchModel: .lora, .frozen, .config, .logits_chunk
 
     # ---- supplied by the backend ----
-    def checkpointed(self, fn, rows):
-        """fn(rows) with its intermediates recomputed in the backward pass."""
+    def checkpointed(self, fn, rows, chain: dict):
+        """fn(rows) with its intermediates recomputed in the backward pass. `chain` is one
+        dict shared by the chunks of one map_head_rows call, in order (a backend may use it
+        to run the chunks one after another)."""
         raise NotImplementedError
 
     def recomputes(self, rows) -> bool:
@@ -38,7 +40,7 @@ class SharedForward:
         if len(chunks) == 1:
             return fn(rows, chunks[0])
         recompute = role is None and self.recomputes(rows)
-        names, pieces = [], []
+        names, pieces, chain = [], [], {}
         for chunk in chunks:
 
             def run(part, chunk=chunk):
@@ -46,7 +48,8 @@ class SharedForward:
                 names[:] = list(out)
                 return [out[name] for name in names]
 
-            pieces.append(self.checkpointed(run, rows[chunk]) if recompute else run(rows[chunk]))
+            part = rows[chunk]
+            pieces.append(self.checkpointed(run, part, chain) if recompute else run(part))
         return {name: self.concatenate([p[i] for p in pieces]) for i, name in enumerate(names)}
 
     @contextlib.contextmanager

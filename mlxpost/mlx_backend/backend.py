@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from mlxpost import adapters
@@ -15,7 +16,7 @@ from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
-from mlxpost.mlx_backend.models.gpt2 import checkpointed
+from mlxpost.mlx_backend.models.gpt2 import chained_chunk, checkpointed
 from mlxpost.mlx_backend.ops import MLXOps
 
 
@@ -45,9 +46,16 @@ class MLXForward(SharedForward):
         with self.frozen_model(role) as other:
             return mx.stop_gradient(other.module.lm_logits(hidden).astype(mx.float32))
 
-    def checkpointed(self, fn, rows):
-        """mx.checkpoint with the head's parameters as inputs, so their gradients flow."""
-        return checkpointed(self.model.module.head_module(), fn, rows)
+    def checkpointed(self, fn, rows, chain):
+        """The chunk through a custom function whose backward recomputes it (the head's
+        parameters are its inputs, so their gradients flow), chained to the chunk before it
+        with mx.depends in both passes: MLX evaluates a graph in any order its inputs allow,
+        and unchained it would hold most chunks' logits at once. A head with an active
+        dropout (a LoRA on lm_head) goes through mx.checkpoint with its masks keyed instead."""
+        module = self.model.module.head_module()
+        if any(isinstance(m, nn.Dropout) and m.training for _, m in module.named_modules()):
+            return checkpointed(module, fn, rows)
+        return chained_chunk(module, fn, rows, chain)
 
     concatenate = staticmethod(mx.concatenate)
 
@@ -217,9 +225,17 @@ class MLXBackend:
                 [batch],
                 [1.0],
                 self.batch_to_arrays,
-                self.compile,
+                self.compiles(model, [batch]),
             )
         return loss, metrics, modeling.to_numpy_params(dict(training.tree_flatten(grads)))
+
+    def compiles(self, model: MLXModel, microbatches) -> bool:
+        """Whether a training step is compiled: unless its loss head runs in several chunks.
+        Compiled, the chunks lose their order and most of their logits live at once
+        (measured: about twice the uncompiled peak); the head's matmuls dominate such steps."""
+        size = logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
+        rows = max(b["input_ids"].shape[0] * (b["input_ids"].shape[1] - 1) for b in microbatches)
+        return self.compile and (size is None or rows <= size)
 
     def compute_loss(self, model: MLXModel, loss_fn, batch: dict) -> tuple[float, dict]:
         """The loss and metrics of loss_fn without gradients or dropout."""
@@ -238,7 +254,7 @@ class MLXBackend:
                 microbatches,
                 weights,
                 self.batch_to_arrays,
-                self.compile,
+                self.compiles(model, microbatches),
             )
 
     def optimizer_state(self, optimizer: training.MLXOptimizer) -> dict:

@@ -11,6 +11,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .common import KVCache, attention, attention_bias, get_activation
 
@@ -54,6 +55,46 @@ def checkpointed(module: nn.Module, fn, *inputs: mx.array):
             module.update(own)
 
     return mx.checkpoint(run)(module.trainable_parameters(), *inputs)
+
+
+def chained_chunk(module: nn.Module, fn, rows: mx.array, chain: dict) -> list[mx.array]:
+    """fn(rows) -> list of arrays, a computation with `module` whose intermediates are
+    recomputed in the backward pass, evaluated strictly after the previous chunk of the same
+    `chain` (a dict the chunks share): its input waits for the previous chunk's outputs in
+    the forward pass, and its recomputation for the previous recomputation's input gradient
+    in the backward. MLX would otherwise schedule the independent chunks as it likes, holding
+    many chunks' intermediates at once. Not with dropout inside fn (see checkpointed)."""
+    names = [name for name, _ in tree_flatten(module.trainable_parameters())]
+
+    def plain(*arrays):
+        *params, part = arrays
+        own = module.trainable_parameters()
+        module.update(tree_unflatten(list(zip(names, params))))
+        try:
+            return fn(part)
+        finally:
+            module.update(own)
+
+    @mx.custom_function
+    def run(*arrays):
+        return plain(*arrays)
+
+    @run.vjp
+    def run_vjp(primals, cotangents, outputs):
+        single = isinstance(primals, mx.array)  # MLX hands a lone input over as it is
+        primals = [primals] if single else list(primals)
+        if chain.get("grad") is not None:
+            primals[-1] = mx.depends([primals[-1]], chain["grad"])[0]
+        _, grads = mx.vjp(plain, primals, list(cotangents))
+        chain["grad"] = [grads[-1]]
+        return grads[0] if single else tuple(grads)
+
+    if chain.get("outputs") is not None:
+        rows = mx.depends([rows], chain["outputs"])[0]
+    params = [value for _, value in tree_flatten(module.trainable_parameters())]
+    outputs = run(*params, rows)
+    chain["outputs"] = list(outputs)
+    return outputs
 
 
 class KeyedDropout(nn.Module):
