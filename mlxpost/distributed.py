@@ -79,10 +79,11 @@ def world() -> World:
 
 
 def launcher() -> str | None:
-    """ "torch" under torchrun with more than one rank, "mlx" under mlx.launch, else None."""
-    if "MLX_RANK" in os.environ and (
-        os.environ.get("MLX_HOSTFILE") or "MLX_WORLD_SIZE" in os.environ
-    ):
+    """The backend whose launcher started this process as one of several ranks: "torch"
+    (torchrun), "mlx" (mlx.launch: ring's hosts file, nccl's world size or jaccl's
+    coordinator); None otherwise."""
+    mlx_group = ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR")
+    if "MLX_RANK" in os.environ and any(os.environ.get(name) for name in mlx_group):
         return "mlx"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
         return "torch"
@@ -101,19 +102,6 @@ def launched_rank() -> int:
 
 def is_main_process() -> bool:
     return launched_rank() == 0
-
-
-def launched_world_size() -> int:
-    """How many ranks the launcher started (1 without one)."""
-    which = launcher()
-    if which == "torch":
-        return int(os.environ["WORLD_SIZE"])
-    if which == "mlx":
-        if "MLX_WORLD_SIZE" in os.environ:
-            return int(os.environ["MLX_WORLD_SIZE"])
-        with open(os.environ["MLX_HOSTFILE"]) as f:
-            return len(json.load(f))
-    return 1
 
 
 def init(backend: str) -> World:

@@ -138,7 +138,8 @@ class PPO(Algorithm):
         self.session, self.cfg = session, cfg
         self.rollouts = Rollouts(session, cfg, "ppo")
         self.loss_fn = partial(ppo_loss, cfg=cfg)
-        ranks = distributed.launched_world_size()
+        session.backend  # noqa: B018  (joins the launcher's ranks, if any, to count them)
+        ranks = distributed.world().size
         if cfg.batch_size // ranks * cfg.num_generations < cfg.minibatches:
             # every rank takes part in each minibatch's update
             raise UserError(
