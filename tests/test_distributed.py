@@ -36,6 +36,8 @@ JOBS = str(Path(__file__).with_name("distributed_jobs.py"))
 ROOT = str(Path(__file__).resolve().parents[1])
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-5
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK", "MLX_HOSTFILE")
+LAUNCHER_VARIABLES += ("MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR")
 
 SFT = [
     "sft",
@@ -106,7 +108,7 @@ MLX_UPDATES = [UPDATES[1], UPDATES[4]]
 
 def environment() -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK", "MLX_HOSTFILE"):
+    for name in LAUNCHER_VARIABLES:
         env.pop(name, None)  # a test run under a launcher must not look like a rank
     return env
 
@@ -136,11 +138,17 @@ def jobs(backend: str, root: Path, tag: str, updates, with_dpo: bool, with_grpo:
     common = ["--backend", backend]
     if backend == "mlx":  # MLX compiles each new batch shape, slowly on these CPUs
         common += ["--steps", "3", "--max-length", "64"]
-    data = ["--data", str(root / "examples.jsonl")]
-    out = [{"cli": [*SFT, *common, *data, "--output", str(root / f"sft-{tag}")]}]
-    if with_dpo:
-        data = ["--data", str(root / "pairs.jsonl")]
-        out.append({"cli": [*DPO, *common, *data, "--output", str(root / f"dpo-{tag}")]})
+    examples = ["--data", str(root / "examples.jsonl")]
+    out = [{"cli": [*SFT, *common, *examples, "--output", str(root / f"sft-{tag}")]}]
+    if with_dpo:  # and the other torch-only runs: full fine-tuning, rm
+        pairs = ["--data", str(root / "pairs.jsonl")]
+        full = [*SFT, *common, *examples, "--steps", "3", "--full", "--learning-rate", "1e-4"]
+        rm = ["rm", *DPO[1:], *common, *pairs, "--steps", "3"]
+        out += [
+            {"cli": [*full, "--output", str(root / f"sft-full-{tag}")]},
+            {"cli": [*DPO, *common, *pairs, "--output", str(root / f"dpo-{tag}")]},
+            {"cli": [*rm, "--output", str(root / f"rm-{tag}")]},
+        ]
     for name, algorithm, options in updates:
         update = {"backend_name": backend, "algorithm": algorithm, "options": options}
         out.append({"update": {**update, "output": str(root / f"{name}-{tag}.npz")}})
@@ -212,7 +220,7 @@ def npz(path: Path) -> dict:
 # ---- the engines, against one process ----
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo"])
+@pytest.mark.parametrize("command", ["sft", "sft-full", "dpo", "rm"])
 def test_torch_two_ranks_train_what_one_does(torch_runs, command):
     assert_same_run(torch_runs / f"{command}-1", torch_runs / f"{command}-2")
 
@@ -238,7 +246,7 @@ def test_torch_two_ranks_write_one_run_directory(torch_runs):
     checkpoints = sorted(os.listdir(torch_runs / "grpo-2" / "checkpoints"))
     assert checkpoints == ["step-1"]  # the last step is final/
     # Rank 0 alone prints the final JSON object of each command.
-    assert (torch_runs / "stdout-2").read_text().count('"command":') == 3
+    assert (torch_runs / "stdout-2").read_text().count('"command":') == 5
 
 
 def test_torch_run_resumes_on_another_number_of_ranks(torch_runs, tmp_path):
@@ -355,10 +363,11 @@ def test_rank_seeds_differ_and_rank_0_keeps_the_seed():
         ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, None, 0),
         ({"MLX_RANK": "1", "MLX_HOSTFILE": "/tmp/hosts.json"}, "mlx", 1),
         ({"MLX_RANK": "0", "MLX_HOSTFILE": ""}, None, 0),
+        ({"MLX_RANK": "3", "MLX_WORLD_SIZE": "4"}, "mlx", 3),
     ],
 )
 def test_the_launcher_is_read_from_its_environment(monkeypatch, env, which, rank):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK", "MLX_HOSTFILE"):
+    for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
