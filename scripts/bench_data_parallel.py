@@ -32,7 +32,7 @@ def command(backend: str, ranks: int) -> list[str]:
     if backend == "torch":
         launcher = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={ranks}"]
         return [*launcher, "-m", "mlxpost.cli"]
-    return [str(bin_dir / "mlx.launch"), "-n", str(ranks), "--backend", "ring", *python]
+    return [str(bin_dir / "mlx.launch"), "-n", str(ranks), "--backend", "ring", "--", *python]
 
 
 def tokens_per_second(args, ranks: int, output: str) -> float:
