@@ -182,7 +182,7 @@ class GRPO(Algorithm):
 
     def train_step(self, step: int) -> dict[str, float]:
         session, cfg = self.session, self.cfg
-        session.backend.seed(cfg.seed + step)
+        session.backend.seed(distributed.rank_seed(cfg.seed + step))  # a rank's own draws
         rollout = self.rollouts.sample(step)
         rewards, reward_metrics = self.rollouts.score(rollout)
         _, reward_std, _ = distributed.mean_and_std(rewards)  # over every rank's rewards

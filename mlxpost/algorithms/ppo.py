@@ -167,7 +167,7 @@ class PPO(Algorithm):
     def train_step(self, step: int) -> dict[str, float]:
         session, cfg = self.session, self.cfg
         backend, model = session.backend, session.model
-        backend.seed(cfg.seed + step)
+        backend.seed(distributed.rank_seed(cfg.seed + step))  # a rank's own draws
         rollout = self.rollouts.sample(step)
         scores, score_metrics = self.scores(rollout)
         loss_mask = rollout.loss_mask
