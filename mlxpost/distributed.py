@@ -51,6 +51,11 @@ class World:
         """The element-wise sum of `array` over the ranks, as float64."""
         return np.asarray(array, np.float64)
 
+    def sum_gradients(self, grads):
+        """The backend's gradients (MLX: a tree of arrays; torch: a list of tensors, summed in
+        place) summed over the ranks, in one all-reduce."""
+        return grads
+
     def all_gather(self, value) -> list:
         """Every rank's JSON-serialisable `value`, in rank order."""
         if self.size == 1:

@@ -36,7 +36,7 @@ class TorchWorld(World):
         except (RuntimeError, dist.DistBackendError) as err:
             raise peer_lost(err) from err
 
-    def sum_gradients(self, grads: list[torch.Tensor]) -> None:
+    def sum_gradients(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum each gradient over the ranks in place, in one float32 all-reduce."""
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self.all_reduce(flat)
@@ -44,6 +44,7 @@ class TorchWorld(World):
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+        return grads
 
 
 def join() -> TorchWorld:
