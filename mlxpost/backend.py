@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mlxpost.distributed import launcher
 from mlxpost.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -261,7 +262,10 @@ BACKEND_CHOICES = ("auto", *BACKENDS)  # what --backend accepts, on every comman
 
 
 def default_backend_name() -> str:
-    """mlx on Apple Silicon, torch elsewhere."""
+    """The backend of the launcher that started this process (torchrun, mlx.launch); else
+    mlx on Apple Silicon, torch elsewhere."""
+    if launcher():
+        return launcher()
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "mlx"
     return "torch"

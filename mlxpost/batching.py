@@ -36,12 +36,12 @@ def split_batch(
     batch: dict[str, np.ndarray], count: int, weigh: str = "tokens"
 ) -> tuple[list[dict[str, np.ndarray]], list[float]]:
     """A batch's rows in `count` parts, with the weight of each for accumulation: its
-    `loss_mask` tokens ("tokens"; equal weights if no part has any) or its rows ("rows")."""
+    `loss_mask` tokens ("tokens"; the training step weighs parts equally if none has any)
+    or its rows ("rows")."""
     rows = batch["input_ids"].shape[0]
     parts = [
         {k: v[part] for k, v in batch.items()} for part in split_indices(np.arange(rows), count)
     ]
     if weigh == "rows":
         return parts, [float(part["input_ids"].shape[0]) for part in parts]
-    weights = [float(part["loss_mask"].sum()) for part in parts]
-    return parts, weights if sum(weights) else [1.0] * len(parts)
+    return parts, [float(part["loss_mask"].sum()) for part in parts]

@@ -14,6 +14,12 @@ how the held-out figures moved and where the run and its curves are.
 The loop raises and never exits: `NonFiniteError` when steps keep producing
 NaN or inf (no non-finite checkpoint is ever written), `Interrupted` on Ctrl-C;
 the command layer maps them to exit statuses 3 and 130.
+
+Started by torchrun or mlx.launch, every rank runs this loop on its share of each
+step's batch (mlxpost.distributed); rank 0 alone evaluates and writes the run
+directory, the progress bar and the trackers, with the step's metrics reduced over
+the ranks. A resumed run's state goes from rank 0 to every rank, so a run resumes
+on any number of ranks.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from mlxpost import assets
+from mlxpost import assets, distributed
 from mlxpost.backend import Backend, get_backend
 from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.config import TrainConfig, default_output, to_dict
@@ -86,11 +92,17 @@ class Session:
         self.reporter = Reporter(trackers or (), self.say)
 
     def say(self, message: str) -> None:
-        tqdm.write(message, file=sys.stderr)
+        if distributed.is_main_process():
+            tqdm.write(message, file=sys.stderr)
 
     @cached_property
     def backend(self) -> Backend:
         backend = get_backend(self.cfg.backend)
+        world = distributed.init(backend.name)
+        if world.size > 1:
+            self.say(
+                f"data-parallel over {world.size} ranks ({distributed.LAUNCHER_OF[backend.name]})"
+            )
         backend.seed(self.cfg.seed)
         return backend
 
@@ -132,18 +144,20 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
     limit = max_positions(read_config(cfg.model))  # bad input fails before a backend is imported
     if limit and cfg.max_length > limit:
         cfg.max_length = limit  # the model cannot see further
-    run = RunDir(cfg.output, cfg.resume)  # checks only: nothing is written before `train`
-    latest = run.latest_checkpoint() if cfg.resume else None
+    main = distributed.is_main_process()  # the other ranks of a data-parallel run write nothing
+    run = RunDir(cfg.output, cfg.resume, check=main)  # nothing is written before `train`
+    latest = run.latest_checkpoint() if cfg.resume and main else None
     if latest is not None and latest[0] >= cfg.steps:
         raise UserError(
             f"{cfg.output}: already trained for {latest[0]} steps; raise --steps to continue"
         )
-    trackers = make_trackers(parse_report_to(cfg.report_to), cfg.wandb_project)
+    trackers = make_trackers(parse_report_to(cfg.report_to), cfg.wandb_project) if main else []
     return Session(command, cfg, load_tokenizer(cfg.model), run, scalar_head, trackers)
 
 
 def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bool = False) -> str:
-    """Trainable weights and optimizer state, committed atomically; refused if any is not finite."""
+    """Trainable weights and optimizer state, committed atomically; refused if any is not finite.
+    Every rank checks (their state is the same, so all stop together); rank 0 writes."""
     run, backend, model = session.run, session.backend, session.model
     target = os.path.join(run.path, "final") if final else run.checkpoint_dir(step)
     trainable = backend.parameters(model, trainable_only=True)
@@ -151,11 +165,13 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     moments = {k: v for k, v in optimizer.items() if k != "step"}
     bad = next((k for k, v in {**trainable, **moments}.items() if not np.all(np.isfinite(v))), None)
     if bad is not None:
-        latest = run.latest_checkpoint()
+        latest = run.latest_checkpoint() if distributed.world().is_main else None
         raise NonFiniteError(
             f"step {step}: {bad} holds NaN or inf; no checkpoint written "
             f"(newest: {latest[1] if latest else 'none'})"
         )
+    if not distributed.world().is_main:
+        return target
     staging = run.begin_checkpoint(os.path.basename(target))
     try:
         save_arrays(os.path.join(staging, "trainable.npz"), trainable)
@@ -185,7 +201,38 @@ def export_model(session: Session, directory: str) -> None:
 
 def restore(session: Session) -> int | None:
     """Load the newest checkpoint of the run directory into the model and optimizer; returns
-    its step, or None when the run has none yet. Reads only: nothing is written."""
+    its step, or None when the run has none yet. Reads only: nothing is written. In a
+    data-parallel run rank 0 reads and sends the state to the others (which need not see
+    the run directory)."""
+    world = distributed.world()
+    step = read_checkpoint(session) if world.is_main else None
+    if world.size > 1:
+        step = int(world.broadcast(-1 if step is None else step))
+        step = None if step < 0 else step
+        if step is not None:
+            broadcast_state(session)
+    return step
+
+
+def broadcast_state(session: Session) -> None:
+    """Rank 0's trainable weights and optimizer state on every rank."""
+    world, backend, model = distributed.world(), session.backend, session.model
+    trainable = backend.parameters(model, trainable_only=True)
+    state = backend.optimizer_state(session.optimizer)
+    optimizer_step = int(world.broadcast(state["step"]))
+    moments = {}
+    if optimizer_step:
+        for name, value in trainable.items():
+            for slot in ("m", "v"):
+                mine = state.get(f"{slot}.{name}", np.zeros_like(value))
+                moments[f"{slot}.{name}"] = world.broadcast(mine).astype(value.dtype)
+    backend.set_parameters(
+        model, {k: world.broadcast(v).astype(v.dtype) for k, v in trainable.items()}
+    )
+    backend.load_optimizer_state(session.optimizer, {"step": optimizer_step, **moments})
+
+
+def read_checkpoint(session: Session) -> int | None:
     found = session.run.latest_checkpoint()
     if found is None:
         return None
@@ -220,11 +267,13 @@ def train(session: Session, algorithm: Algorithm) -> dict:
     before its first step is logged, what it wrote is removed, so the same command
     can start again."""
     cfg, run = session.cfg, session.run
-    start = restore(session) if cfg.resume else None
     session.load()
-    run.open({"command": session.command, **to_dict(cfg)})
+    start = restore(session) if cfg.resume else None
+    main = distributed.world().is_main
+    if main:
+        run.open({"command": session.command, **to_dict(cfg)})
     session.say(f"run directory: {cfg.output}")
-    if cfg.resume:
+    if cfg.resume and main:
         run.truncate_metrics(start)  # rows past the checkpoint are logged again
         if start is None:
             session.say(f"{run.path}: no checkpoint yet, starting from step 0")
@@ -235,10 +284,12 @@ def train(session: Session, algorithm: Algorithm) -> dict:
         summary = progress.run(algorithm)
     except BaseException as err:
         reporter.finish({}, failed=True)  # before a discard removes the trackers' files
-        if progress.done == (start or 0) and not cfg.resume:
+        if progress.done == (start or 0) and not cfg.resume and main:
             run.discard()  # nothing was trained: leave no half-made run behind
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(progress.interrupted_message()) from None
+        if isinstance(err, distributed.PeerLost):
+            raise distributed.PeerLost(f"{err}; {progress.resume_hint()}") from None
         raise
     reporter.finish(summary)
     for line in progress.closing_lines(summary):
@@ -257,11 +308,15 @@ class Progress:
         self.peak_memory_gb: float | None = None
 
     def log(self, row: dict) -> None:
-        """One metrics row: metrics.jsonl, then the trackers."""
-        self.session.run.log(row)
-        self.session.reporter.log(row)
+        """One metrics row: metrics.jsonl, then the trackers (rank 0 only)."""
+        if distributed.world().is_main:
+            self.session.run.log(row)
+            self.session.reporter.log(row)
 
     def evaluate(self, algorithm: Algorithm, step: int) -> dict:
+        """Held-out figures, measured by rank 0 alone (the others wait at the next step)."""
+        if not distributed.world().is_main:
+            return {}
         figures = algorithm.evaluate(step)
         self.eval_keys += [k for k in figures if k not in self.eval_keys]
         return figures
@@ -282,10 +337,11 @@ class Progress:
             unit="step",
             file=sys.stderr,
             dynamic_ncols=True,
+            disable=not distributed.world().is_main,
         ) as bar:
             for step in range(self.start, cfg.steps):
                 began = time.perf_counter()
-                metrics = algorithm.train_step(step)
+                metrics = distributed.reduce_metrics(algorithm.train_step(step))
                 seconds = time.perf_counter() - began
                 train_seconds += seconds  # evaluation time is not training speed
                 metrics["step_seconds"] = seconds
@@ -299,7 +355,8 @@ class Progress:
                 if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
                     last_eval = self.evaluate(algorithm, done)
                     record.update(last_eval)
-                    session.say(format_metrics(f"eval step {done}", last_eval))
+                    if last_eval:
+                        session.say(format_metrics(f"eval step {done}", last_eval))
                 self.log(record)
                 self.done = done
                 bar.set_postfix(self.postfix(metrics), refresh=False)
@@ -314,7 +371,8 @@ class Progress:
             "final": final,
             **{k: v for k, v in record.items() if k != "step"},
         }
-        session.run.write_summary(summary)
+        if distributed.world().is_main:
+            session.run.write_summary(summary)
         return summary
 
     def postfix(self, metrics: dict) -> dict[str, str]:
@@ -335,6 +393,8 @@ class Progress:
         """What training achieved and where to look: the held-out headline figures from the
         first evaluation in metrics.jsonl to the last, the run directory, how to plot it."""
         session, cfg = self.session, self.session.cfg
+        if not distributed.world().is_main:
+            return []
         rows = session.run.metrics()
         moved = []
         for key in [k for k in EVAL_HEADLINES if k in self.eval_keys][:2] or self.eval_keys[:1]:
@@ -362,7 +422,7 @@ class Progress:
             self.session.say(f"step {done}: loss or gradient norm is NaN or inf; update skipped")
         limit = self.session.cfg.max_nonfinite_steps
         if self.nonfinite_in_a_row >= limit:
-            latest = self.session.run.latest_checkpoint()
+            latest = self.session.run.latest_checkpoint() if distributed.world().is_main else None
             raise NonFiniteError(
                 f"step {done}: loss or gradient norm NaN or inf for {limit} steps in a row "
                 f"(steps {done - limit + 1}-{done}), updates skipped; newest checkpoint: "
@@ -373,11 +433,16 @@ class Progress:
         cfg = self.session.cfg
         if self.done == self.start and not cfg.resume:
             return f"interrupted before step {self.start + 1}; nothing was kept in {cfg.output}"
-        latest = self.session.run.latest_checkpoint()
+        return f"interrupted after step {self.done}; {self.resume_hint()}"
+
+    def resume_hint(self) -> str:
+        cfg = self.session.cfg
+        latest = self.session.run.latest_checkpoint() if distributed.world().is_main else None
         where = f"newest checkpoint: step {latest[0]}" if latest else "no checkpoint yet"
+        if not distributed.world().is_main:
+            where = "rank 0 reports the newest checkpoint"
         return (
-            f"interrupted after step {self.done}; {where}; continue with: "
-            f"mlxpost {self.session.command} --resume --output {cfg.output}"
+            f"{where}; continue with: mlxpost {self.session.command} --resume --output {cfg.output}"
         )
 
 

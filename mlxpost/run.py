@@ -53,13 +53,16 @@ def json_safe(value):
 
 
 class RunDir:
-    """A run directory. The constructor only checks; `open` creates or reopens it."""
+    """A run directory. The constructor only checks (unless told not to); `open` creates or
+    reopens it."""
 
-    def __init__(self, path: str, resume: bool):
+    def __init__(self, path: str, resume: bool, check: bool = True):
         self.path = path
         self.resume = resume
         self.metrics_path = os.path.join(path, "metrics.jsonl")
         self.created: list[str] = []  # what `open` made, removed by `discard`
+        if not check:  # a data-parallel run's other ranks: rank 0 alone reads and writes it
+            return
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"--output {path}: is a file, not a directory")
         if not resume and os.path.isdir(path) and os.listdir(path):

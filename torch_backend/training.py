@@ -1,4 +1,8 @@
-"""Value-and-grad, AdamW, clipping and accumulation, mirroring mlx_backend/training.py."""
+"""Value-and-grad, AdamW, clipping and accumulation, mirroring mlx_backend/training.py.
+
+In a data-parallel run (mlxpost/distributed.py) each rank weighs its microbatches by
+their share of every rank's, and the weighted gradients, losses and metrics are summed
+over the ranks before clipping, so every rank applies the global batch's update."""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mlxpost import distributed
 from mlxpost.backend import OptimConfig
 from mlxpost.backend_shared.training import (
     average_metrics,
     finite_update,
+    global_weights,
     learning_rate,
-    normalise_weights,
 )
 
 
@@ -88,9 +93,12 @@ def train_step(
     weights: Sequence[float] | None,
     to_tensors,
 ) -> dict[str, float]:
-    weights = normalise_weights(len(microbatches), weights)
+    world = distributed.world()
+    weights = global_weights(len(microbatches), weights, world)
     optimizer.adamw.zero_grad(set_to_none=True)
     loss, metrics = accumulate_grads(forward, ops, loss_fn, microbatches, weights, to_tensors)
+    if world.size > 1:
+        loss, metrics = sum_over_ranks(world, optimizer, loss, metrics)
     params = [p for p in optimizer.params.values() if p.grad is not None]
     grad_norm = float(clip_grad_norm([p.grad for p in params], optimizer.cfg.max_grad_norm))
 
@@ -102,3 +110,13 @@ def train_step(
 
     lr = learning_rate(optimizer.cfg, optimizer.step)
     return finite_update(update, loss, grad_norm, lr, metrics)
+
+
+def sum_over_ranks(world, optimizer: TorchOptimizer, loss: float, metrics: dict):
+    """Every rank's weighted gradients, loss and metrics added up (the DDP all-reduce)."""
+    for p in optimizer.params.values():
+        if p.grad is None:  # a parameter this rank's batch did not reach still takes part
+            p.grad = torch.zeros_like(p)
+    world.sum_gradients([p.grad for p in optimizer.params.values()])
+    summed = world.all_sum([loss, *metrics.values()])
+    return float(summed[0]), dict(zip(metrics, map(float, summed[1:])))

@@ -30,6 +30,7 @@ from functools import partial
 
 import numpy as np
 
+from mlxpost import distributed
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.batching import split_batch
 from mlxpost.config import option
@@ -74,9 +75,14 @@ class GRPOConfig(RLConfig):
 
 
 def group_advantages(
-    rewards: np.ndarray, group_size: int, scale: str, eps: float = 1e-4
+    rewards: np.ndarray,
+    group_size: int,
+    scale: str,
+    eps: float = 1e-4,
+    batch_std: float | None = None,
 ) -> np.ndarray:
-    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size."""
+    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size;
+    `batch_std` is the std the "batch" scale divides by (default: these rewards')."""
     groups = rewards.reshape(-1, group_size)  # (P, G)
     if scale == "rank":
         # Ranks (ties averaged) centred and scaled to [-1, 1]: robust to the rewards' scale.
@@ -90,7 +96,7 @@ def group_advantages(
     if scale == "group":
         centred = centred / (groups.std(axis=1, keepdims=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     return centred.reshape(-1)
 
 
@@ -142,21 +148,31 @@ class GRPO(Algorithm):
         self.loss_fn = partial(grpo_loss, cfg=cfg)
 
     def microbatches(self, batch: dict) -> tuple[list[dict], list[float]]:
-        cfg = self.cfg
+        """The rollout batch in --grad-accum parts with their weights and token normalisers.
+
+        In a data-parallel run (mlxpost.distributed) microbatch k is the k-th part of every
+        rank's rows and the training step weighs each rank's part by its share of all
+        parts: the token counts are all-reduced so the objective is the one-process one."""
+        cfg, world = self.cfg, distributed.world()
         # grpo: parts weigh by their sequences (a mean over all sequences); the others add up
         # token sums already divided by their normaliser, so parts weigh equally.
         parts, weights = split_batch(batch, cfg.grad_accum, weigh="rows")
         count = len(parts)
         if cfg.aggregation != "grpo":
             weights = [1.0] * count
-        total_tokens = float(batch["loss_mask"].sum())
-        for part in parts:
+        part_tokens = np.zeros(cfg.grad_accum)
+        part_tokens[:count] = [part["loss_mask"].sum() for part in parts]
+        if world.size > 1:
+            part_tokens = world.all_sum(part_tokens)
+            count = int(world.all_sum([count])[0])  # parts of every rank, weighed equally
+        total_tokens = float(part_tokens.sum())
+        for index, part in enumerate(parts):
             if cfg.aggregation == "bnpo":
-                normaliser = float(part["loss_mask"].sum())
+                # the mean over microbatch k's tokens on every rank; each of the ranks' shares
+                # of it is weighed 1 / (ranks * microbatches) by the step, hence the * size
+                normaliser = part_tokens[index] / world.size
             elif cfg.aggregation == "dapo":
-                normaliser = (
-                    total_tokens / count
-                )  # equal weights average the parts: sum / all tokens
+                normaliser = total_tokens / count  # equal weights: sum / all tokens
             else:  # dr_grpo: a constant, so long and short completions weigh per token alike
                 normaliser = part["input_ids"].shape[0] * cfg.max_new_tokens
             part["normaliser"] = np.float32(max(normaliser, 1.0))
@@ -164,9 +180,10 @@ class GRPO(Algorithm):
 
     def train_step(self, step: int) -> dict[str, float]:
         session, cfg = self.session, self.cfg
-        session.backend.seed(cfg.seed + step)
+        session.backend.seed(distributed.rank_seed(cfg.seed + step))  # a rank's own draws
         rollout = self.rollouts.sample(step)
         rewards, reward_metrics = self.rollouts.score(rollout)
+        _, reward_std, _ = distributed.mean_and_std(rewards)  # over every rank's rewards
         # The KL needs the reference's logprobs: in the loss when beta > 0, else only logged.
         has_reference = cfg.kl_beta > 0 or (cfg.lora and cfg.log_kl)
         batch = {
@@ -177,9 +194,9 @@ class GRPO(Algorithm):
             "ref_logprobs": self.rollouts.reference_logprobs(rollout)
             if has_reference
             else np.zeros_like(rollout.old_logprobs),
-            "advantages": group_advantages(rewards, cfg.num_generations, cfg.advantage).astype(
-                np.float32
-            ),
+            "advantages": group_advantages(
+                rewards, cfg.num_generations, cfg.advantage, batch_std=reward_std
+            ).astype(np.float32),
         }
         parts, weights = self.microbatches(batch)
         skipped = 0.0
@@ -198,7 +215,7 @@ class GRPO(Algorithm):
             **metrics,
             "logprob_gap": first["logprob_gap"],  # sampler vs trainer, before any update
             "reward": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
+            "reward_std": reward_std,
             **reward_metrics,
             "zero_variance_groups": float(np.mean(groups.std(axis=1) == 0)),
             **self.rollouts.summary(rollout),

@@ -22,9 +22,11 @@ from functools import partial
 
 import numpy as np
 
+from mlxpost import distributed
 from mlxpost.algorithms.rollouts import RLConfig, Rollouts
 from mlxpost.batching import split_indices
 from mlxpost.config import option
+from mlxpost.errors import UserError
 from mlxpost.functional import head_terms, kl_estimate, masked_mean
 from mlxpost.loop import Algorithm, Session
 from mlxpost.ops import NumpyOps
@@ -77,10 +79,12 @@ def gae(
 
 
 def whiten(values: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
-    picked = values[mask > 0]
-    if picked.size < 2:
+    """Values centred and scaled by their mean and std where mask > 0, over every rank's
+    tokens in a data-parallel run (mlxpost.distributed)."""
+    mean, std, count = distributed.mean_and_std(values, mask)
+    if count < 2:
         return values * mask
-    return (values - picked.mean()) / (picked.std() + eps) * mask
+    return (values - mean) / (std + eps) * mask
 
 
 def explained_variance(values: np.ndarray, returns: np.ndarray, mask: np.ndarray) -> float:
@@ -135,6 +139,15 @@ class PPO(Algorithm):
         self.session, self.cfg = session, cfg
         self.rollouts = Rollouts(session, cfg, "ppo")
         self.loss_fn = partial(ppo_loss, cfg=cfg)
+        session.backend  # noqa: B018  (joins the launcher's ranks, if any, to count them)
+        ranks = distributed.world().size
+        if cfg.batch_size // ranks * cfg.num_generations < cfg.minibatches:
+            # every rank takes part in each minibatch's update
+            raise UserError(
+                f"--minibatches {cfg.minibatches}: each of the {ranks} ranks has only "
+                f"{cfg.batch_size // ranks * cfg.num_generations} rollouts a step; raise "
+                "--batch-size or lower --minibatches"
+            )
         self.reward_model = None
         if cfg.reward_model:
             from mlxpost.reward_model import load_reward_model
@@ -155,7 +168,7 @@ class PPO(Algorithm):
     def train_step(self, step: int) -> dict[str, float]:
         session, cfg = self.session, self.cfg
         backend, model = session.backend, session.model
-        backend.seed(cfg.seed + step)
+        backend.seed(distributed.rank_seed(cfg.seed + step))  # a rank's own draws
         rollout = self.rollouts.sample(step)
         scores, score_metrics = self.scores(rollout)
         loss_mask = rollout.loss_mask
@@ -195,8 +208,10 @@ class PPO(Algorithm):
             order = np.random.default_rng([cfg.seed, step, epoch]).permutation(rows)
             for part in split_indices(order, cfg.minibatches):
                 minibatch = {k: v[part] for k, v in buffer.items()}
+                # a token mean: over several ranks each weighs by its share of the tokens
+                tokens = [float(minibatch["loss_mask"].sum())]
                 history.append(
-                    backend.train_step(model, session.optimizer, self.loss_fn, [minibatch])
+                    backend.train_step(model, session.optimizer, self.loss_fn, [minibatch], tokens)
                 )
                 if cfg.target_kl and history[-1]["approx_kl"] > 1.5 * cfg.target_kl:
                     stopped = True

@@ -36,6 +36,7 @@ from mlxpost.algorithms.supervised import Batches, collate
 from mlxpost.backend import adapter_disabled
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
+from mlxpost.distributed import computed_in_shares, is_main_process
 from mlxpost.errors import UserError
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.functional import head_terms, masked_mean, masked_sum
@@ -156,7 +157,14 @@ def reference_logprobs(
     else `model` with its adapter switched off. Batched by length, no gradients."""
     out = np.zeros(len(rows), np.float32)
     order = np.argsort([len(r.input_ids) for r in rows], kind="stable")
-    with tqdm(total=len(rows), desc=desc, unit="seq", file=sys.stderr, leave=False) as bar:
+    with tqdm(
+        total=len(rows),
+        desc=desc,
+        unit="seq",
+        file=sys.stderr,
+        leave=False,
+        disable=not is_main_process(),  # one bar for a data-parallel run: rank 0's share
+    ) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = collate([rows[i] for i in chunk], pad_id)
@@ -234,7 +242,14 @@ class PreferenceAlgorithm(Algorithm):
         backend, model, pad = session.backend, session.model, session.info.pad_id
 
         def logps(rows, desc):
-            return reference_logprobs(backend, model, reference, rows, pad, self.average, desc=desc)
+            def share(indices):
+                chosen = [rows[i] for i in indices]
+                return reference_logprobs(
+                    backend, model, reference, chosen, pad, self.average, desc=desc
+                )
+
+            # in a data-parallel run each rank computes a share (mlxpost.distributed)
+            return computed_in_shares(len(rows), share).astype(np.float32)
 
         self.precompute_data(logps)
         if self.eval_pairs:

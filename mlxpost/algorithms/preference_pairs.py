@@ -12,6 +12,7 @@ import numpy as np
 from mlxpost.algorithms.supervised import check_lengths, collate
 from mlxpost.batching import split_indices
 from mlxpost.data import TokenizeConfig, deduplicate, load_examples, tokenize_preferences
+from mlxpost.distributed import rank_seed
 from mlxpost.functional import last_token_index
 from mlxpost.loop import Session
 
@@ -78,7 +79,7 @@ def pair_step(session: Session, loss_fn, batches, step: int, make_batch) -> dict
     cfg = session.cfg
     chunks = split_indices(batches.indices(step), cfg.grad_accum)
     parts = [make_batch(chunk) for chunk in chunks]
-    session.backend.seed(cfg.seed + step)  # LoRA dropout draws
+    session.backend.seed(rank_seed(cfg.seed + step))  # LoRA dropout draws, per rank
     weights = [float(len(chunk)) for chunk in chunks]
     metrics = session.backend.train_step(session.model, session.optimizer, loss_fn, parts, weights)
     metrics["tokens"] = float(sum(part["attention_mask"].sum() for part in parts))

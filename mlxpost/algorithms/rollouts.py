@@ -2,7 +2,8 @@
 
 Prompts of step s are drawn from a permutation seeded by (seed, epoch) and the
 sampler is seeded by (seed, step), so a resumed run samples what an
-uninterrupted one would have.
+uninterrupted one would have. In a data-parallel run each rank samples its share
+of the step's prompts with a seed of its own (mlxpost.distributed).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
 from mlxpost.batching import step_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import load_examples
+from mlxpost.distributed import rank_seed, shard
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
@@ -91,7 +93,8 @@ class Rollouts:
     def sample(self, step: int) -> RolloutBatch:
         session, cfg = self.session, self.cfg
         info = session.info
-        chosen = step_indices(cfg.seed, step, cfg.batch_size, len(self.examples))
+        # This rank's prompts: a prompt's completions (a GRPO group) stay on one rank.
+        chosen = shard(step_indices(cfg.seed, step, cfg.batch_size, len(self.examples)))
         sampling = SamplingConfig(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
@@ -105,7 +108,7 @@ class Rollouts:
             sampling,
             info.eos_ids,
             info.pad_id,
-            seed=cfg.seed * 1_000_003 + step,
+            seed=rank_seed(cfg.seed * 1_000_003 + step),
         )
         texts = [
             info.tokenizer.decode(row[m == 1], skip_special_tokens=True)

@@ -28,6 +28,7 @@ from mlxpost.algorithms.supervised import (
 from mlxpost.batching import split_batch
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import TokenizeConfig
+from mlxpost.distributed import rank_seed
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.loop import Algorithm, Session
 
@@ -153,7 +154,7 @@ class SFT(Algorithm):
         session = self.session
         batch = self.batches.batch(step)
         parts, weights = split_batch(batch, self.cfg.grad_accum)
-        session.backend.seed(self.cfg.seed + step)  # LoRA dropout draws
+        session.backend.seed(rank_seed(self.cfg.seed + step))  # LoRA dropout draws, per rank
         metrics = session.backend.train_step(
             session.model, session.optimizer, self.loss_fn, parts, weights
         )

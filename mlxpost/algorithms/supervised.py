@@ -20,6 +20,7 @@ from mlxpost.data import (
     pad_packed,
     tokenize_examples,
 )
+from mlxpost.distributed import shard
 from mlxpost.errors import UserError
 from mlxpost.functional import head_terms, masked_mean, prediction_mask
 
@@ -127,7 +128,8 @@ class Batches:
         return len(self.rows) if self.rows is not None else len(self.examples)
 
     def indices(self, step: int) -> np.ndarray:
-        return step_indices(self.seed, step, self.batch_size, self.units)
+        """This rank's share of the step's examples (all of them without a launcher)."""
+        return shard(step_indices(self.seed, step, self.batch_size, self.units))
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         if self.rows is None:

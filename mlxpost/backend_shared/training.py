@@ -1,6 +1,7 @@
 """The numpy parts of both backends' training steps (`mlx_backend/training.py`,
 `torch_backend/training.py`): the learning-rate schedule, microbatch weights for gradient
-accumulation, and skipping updates whose loss or gradient is not finite."""
+accumulation (over every rank's microbatches in data-parallel runs), and skipping updates
+whose loss or gradient is not finite."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mlxpost.backend import OptimConfig
+from mlxpost.distributed import World
 
 
 def learning_rate(cfg: OptimConfig, step: int) -> float:
@@ -35,6 +37,24 @@ def normalise_weights(count: int, weights: Sequence[float] | None) -> list[float
     if total <= 0:
         raise ValueError("microbatch weights must sum to a positive number")
     return [float(w) / total for w in weights]
+
+
+def global_weights(count: int, weights: Sequence[float] | None, world: World) -> list[float]:
+    """This rank's microbatch weights as shares of every rank's: summed over the ranks they
+    make 1, so the all-reduced sum of the weighted gradients is the gradient of the whole
+    global batch (equal weights by default; equal too when no rank's weights add up to
+    anything, as when no microbatch holds a loss token)."""
+    if count == 0:
+        raise ValueError("a training step needs at least one microbatch")
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} weights for {count} microbatches")
+    if min(weights) < 0:
+        raise ValueError("microbatch weights must not be negative")
+    total, total_count = world.all_sum([sum(weights), count])
+    if total <= 0:
+        return [1.0 / total_count] * count
+    return [w / total for w in weights]
 
 
 def average_metrics(metrics: list[dict[str, float]], weights: Sequence[float]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from mlxpost.algorithms.preference import DPOConfig
 from mlxpost.algorithms.rm import RMConfig
 from mlxpost.algorithms.sft import SFTConfig
 from mlxpost.config import cli_options, resolve
+from mlxpost.distributed import is_main_process
 from mlxpost.run import json_safe
 
 
@@ -39,7 +40,9 @@ def run(
     module, name = algorithm.split(":")
     algorithm_cls = getattr(importlib.import_module(f"mlxpost.algorithms.{module}"), name)
     session = setup(command, cfg, scalar_head=scalar_head)
-    click.echo(json.dumps(json_safe(train(session, algorithm_cls(session, cfg))), indent=2))
+    summary = train(session, algorithm_cls(session, cfg))
+    if is_main_process():  # one JSON object from a data-parallel run: rank 0's
+        click.echo(json.dumps(json_safe(summary), indent=2))
 
 
 @click.command()

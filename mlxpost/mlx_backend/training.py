@@ -1,4 +1,8 @@
-"""Value-and-grad, AdamW, clipping and accumulation, mirroring torch_backend/training.py."""
+"""Value-and-grad, AdamW, clipping and accumulation, mirroring torch_backend/training.py.
+
+In a data-parallel run (mlxpost/distributed.py) each rank weighs its microbatches by
+their share of every rank's, and the weighted gradients, losses and metrics are summed
+over the ranks before clipping, so every rank applies the global batch's update."""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlxpost import distributed
 from mlxpost.backend import OptimConfig
 from mlxpost.backend_shared.training import (
     average_metrics,
     finite_update,
+    global_weights,
     learning_rate,
-    normalise_weights,
 )
 
 
@@ -120,11 +125,16 @@ def train_step(
     to_arrays,
     compile: bool = True,
 ) -> dict[str, float]:
-    weights = normalise_weights(len(microbatches), weights)
+    world = distributed.world()
+    weights = global_weights(len(microbatches), weights, world)
     module = optimizer.module
     grads, loss, metrics = accumulate_grads(
         model, forward, ops, loss_fn, microbatches, weights, to_arrays, compile
     )
+    if world.size > 1:  # every rank's weighted gradients, loss and metrics added up
+        grads = world.sum_gradients(grads)
+        summed = world.all_sum([loss, *metrics.values()])
+        loss, metrics = float(summed[0]), dict(zip(metrics, map(float, summed[1:])))
     grads, grad_norm = clip_grad_norm(grads, optimizer.cfg.max_grad_norm)
 
     def update(lr: float) -> None:
