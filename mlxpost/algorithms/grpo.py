@@ -7,7 +7,8 @@ gradient passes over the rollouts with the old (behaviour) logprobs kept.
 
 Variants, by option:
 - advantages: group mean-centred, scaled by the group std (GRPO), the batch std,
-  or not at all (Dr. GRPO, Liu et al., 2025); or rank-based within the group.
+  or not at all (Dr. GRPO, Liu et al., 2025); or rank-based within the group. The
+  std is Bessel-corrected (n - 1) as in TRL, or the population's (--advantage-std).
 - clipping: separate lower/upper ranges (DAPO's clip-higher, Yu et al., 2025).
 - importance ratio: per token (GRPO) or per sequence as the geometric mean of
   token ratios (GSPO, Zheng et al., 2025).
@@ -39,6 +40,7 @@ from mlxpost.loop import Algorithm, Session
 
 ADVANTAGES = ("group", "batch", "none", "rank")
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+STD_KINDS = ("bessel", "population")
 
 
 @dataclass
@@ -58,6 +60,12 @@ class GRPOConfig(RLConfig):
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO).", ("token", "sequence")
     )
     aggregation: str = option("grpo", "How token losses are averaged.", AGGREGATIONS)
+    advantage_std: str = option(
+        "bessel",
+        "Std that scales group and batch advantages: bessel (divides by n - 1, as TRL and "
+        "torch.std) or population (divides by n).",
+        STD_KINDS,
+    )
     log_kl: bool = option(
         True,
         "Log the KL to the reference (adapter off) even when --kl-beta is 0; it costs one more forward pass per step.",
@@ -74,9 +82,13 @@ class GRPOConfig(RLConfig):
 
 
 def group_advantages(
-    rewards: np.ndarray, group_size: int, scale: str, eps: float = 1e-4
+    rewards: np.ndarray, group_size: int, scale: str, std: str = "bessel", eps: float = 1e-4
 ) -> np.ndarray:
-    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size."""
+    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size.
+
+    "group" and "batch" divide the centred rewards by std + eps, the std Bessel-corrected
+    (n - 1, TRL's torch.std) or the population's (n): with 8 completions the population
+    std is 0.935x the corrected one, so its advantages are 7% larger."""
     groups = rewards.reshape(-1, group_size)  # (P, G)
     if scale == "rank":
         # Ranks (ties averaged) centred and scaled to [-1, 1]: robust to the rewards' scale.
@@ -86,11 +98,12 @@ def group_advantages(
                 tied = groups[row] == value
                 ranks[row, tied] = ranks[row, tied].mean()
         return ((ranks - (group_size - 1) / 2) / max((group_size - 1) / 2, 1)).reshape(-1)
+    ddof = 1 if std == "bessel" else 0
     centred = groups - groups.mean(axis=1, keepdims=True)
     if scale == "group":
-        centred = centred / (groups.std(axis=1, keepdims=True) + eps)
+        centred = centred / (groups.std(axis=1, ddof=ddof, keepdims=True) + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / (rewards.std(ddof=ddof) + eps)
     return centred.reshape(-1)
 
 
@@ -179,9 +192,9 @@ class GRPO(Algorithm):
             "ref_logprobs": self.rollouts.reference_logprobs(rollout)
             if has_reference
             else np.zeros_like(rollout.old_logprobs),
-            "advantages": group_advantages(rewards, cfg.num_generations, cfg.advantage).astype(
-                np.float32
-            ),
+            "advantages": group_advantages(
+                rewards, cfg.num_generations, cfg.advantage, cfg.advantage_std
+            ).astype(np.float32),
         }
         parts, weights = self.microbatches(batch)
         skipped = 0.0
