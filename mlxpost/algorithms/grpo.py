@@ -74,6 +74,8 @@ class GRPOConfig(RLConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rewards.strip() == "none":
+            raise UserError("--rewards none leaves GRPO nothing to score")
         if self.num_generations < 2 and self.advantage != "none":
             raise UserError("--num-generations must be at least 2 for group advantages")
 
