@@ -1,18 +1,32 @@
 """PPO with a critic and GAE for language models (Ouyang et al., 2022; the cleanrl recipe).
 
-The critic is a value head (mlxpost/backend_shared/heads.py) on the policy's own trunk: one
-forward pass gives the logits and the values, the LoRA adapter serves both,
-and the loss is policy_loss + vf_coef * value_loss. This halves the memory
-and compute of a separate critic model; the cost is that value gradients
-also move the shared adapter, which vf_coef keeps small.
+The critic (--critic) is one of:
+- separate (the default): its own LoRA adapter and value head (mlxpost/backend_shared/heads.py)
+  on a second copy of the base model, with its own optimizer. Value gradients never touch
+  the policy, so the critic can learn as fast as it needs to; it costs a second model in
+  memory and a second forward and backward pass per minibatch.
+- reward_model: the same, initialised from --reward-model's adapter and head, as
+  InstructGPT initialised its value function from the reward model.
+- shared: a value head on the policy's own trunk; one forward pass gives logits and values,
+  and the loss is policy_loss + vf_coef * value_loss. Half the memory, but on the bundled
+  model its explained variance stays below zero (docs/results.md).
+--value-warmup-steps trains the critic alone for the first steps; with normalised values
+(the default) it learns returns divided by their running std, after the running mean is
+subtracted, and its outputs are denormalised for GAE.
 
-Per completion token t the reward is -kl_beta * KL_t (k1 or k3 of the policy
-against the reference, the adapter switched off), and the sequence's score
-(reward functions, or a reward model from `mlxpost rm`) is added at its last
-token. Advantages are GAE(gamma, lambda) over detached values, whitened over
-the batch's tokens; the policy and value losses are both clipped; several
-epochs of shuffled minibatches run over each rollout buffer, stopping early
-once the approximate KL passes 1.5 * target_kl.
+Per completion token t the reward is -beta * KL_t (k1 or k3 of the policy against the
+reference, the adapter switched off); beta is --kl-beta, or with --kl-target the adaptive
+controller's value (Ziegler et al., 2019; mlxpost/algorithms/ppo_control.py). The
+sequence's score is added at its last token: the weighted reward functions plus
+--reward-model-weight times the reward model's score (normalised by the running mean and
+std of its scores, optionally clipped), minus --missing-eos-penalty for a completion cut
+at --max-new-tokens and --length-penalty per token. Advantages are GAE(gamma, lambda) over
+detached values, whitened over the batch's tokens; the policy loss and (optionally) the
+value loss are clipped; several epochs of shuffled minibatches run over each rollout
+buffer, stopping early once the approximate KL passes 1.5 * target_kl.
+
+Departures from InstructGPT: no pretraining-mix term (PPO-ptx); the reference is the base
+model with the adapter off; LoRA on policy and critic rather than full fine-tuning.
 """
 
 from __future__ import annotations
@@ -443,7 +457,23 @@ class PPO(Algorithm):
         }
 
     def evaluate(self, step: int) -> dict[str, float]:
-        return self.rollouts.evaluate()
+        """Held-out math accuracy; with a reward model also its mean raw score of the same
+        greedy completions (eval_reward_model_score): what the policy is trained to raise."""
+        math = self.rollouts.math
+        if self.reward_model is None or not math:
+            return self.rollouts.evaluate()
+        from mlxpost.reward_model import score_texts
+
+        session = self.session
+        report = math.score(session.backend, session.model, session.info, keep_texts=True)
+        model, info = self.reward_model
+        prompts = [ex.prompt_messages for ex in math.examples]
+        scores = score_texts(session.backend, model, info, prompts, report["completions"])
+        return {
+            "math_accuracy": report["accuracy"],
+            "eval_completion_length": report["mean_completion_tokens"],
+            "eval_reward_model_score": float(scores.mean()),
+        }
 
     def export(self, directory: str) -> None:
         """ppo_state.json (KL coefficient, running moments) and a separate critic's weights
