@@ -106,3 +106,37 @@ def test_reward_options():
         PPOConfig(rewards="none")
     with pytest.raises(UserError, match="needs --reward-model"):
         PPOConfig(critic="reward_model")
+
+
+def test_reward_model_critic_starts_from_the_reward_models_weights(tiny_dir, tmp_path):
+    """--critic reward_model: the critic's adapter and head are the reward model's, trainable."""
+    import json
+
+    from mlxpost.algorithms.ppo import make_critic
+    from mlxpost.backend import LoraConfig, get_backend
+    from mlxpost.run import save_arrays
+
+    backend = get_backend("torch")
+    base = str(tiny_dir / "tiny-gpt2")
+    reward_model = backend.load_model(base)
+    backend.attach_scalar_head(reward_model, seed=5)
+    backend.attach_lora(reward_model, LoraConfig(rank=4, alpha=8.0))
+    rng = np.random.default_rng(0)
+    trained = {
+        name: rng.normal(size=value.shape).astype(np.float32)
+        for name, value in backend.parameters(reward_model, trainable_only=True).items()
+    }
+    backend.set_parameters(reward_model, trained)
+    directory = tmp_path / "rm"
+    directory.mkdir()
+    backend.save_adapter(reward_model, str(directory))
+    save_arrays(str(directory / "trainable.npz"), trained)
+    info = {"kind": "reward_model", "base_model": base, "lora": True, "max_length": 64}
+    (directory / "reward_model.json").write_text(json.dumps(info))
+    cfg = PPOConfig(model=base, reward_model=str(directory), critic="reward_model")
+    critic, optimizer = make_critic(backend, cfg)
+    loaded = backend.parameters(critic, trainable_only=True)
+    assert set(loaded) == set(trained)
+    for name, value in trained.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+    assert optimizer is not None
