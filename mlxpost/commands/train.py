@@ -121,8 +121,9 @@ def rm(ctx, config_file, **values):
     """Reward model: the LM trunk plus a scalar head, trained on preference pairs.
 
     \b
-    Default data: the bundled preference pairs (prompt/chosen/rejected; held-out:
-    their test split); any preference format works (explicit, implicit, HH-RLHF
+    Default data: both bundled preference files, the explicit pairs and the
+    HH-RLHF dialogues (held-out: the explicit pairs' test split), for 300 steps;
+    any preference format works (explicit, implicit, HH-RLHF
     dialogues). Loss: Bradley-Terry -log sigmoid(r_chosen - r_rejected - margin),
     with the `margin` column when the data has one, plus --centring-coef times
     mean((r_chosen + r_rejected)^2). The reward is read at the last token.
