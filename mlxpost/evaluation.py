@@ -88,9 +88,9 @@ class HeldOutMath:
     def __bool__(self) -> bool:
         return bool(self.examples)
 
-    def score(self, backend: Backend, model, info: TokenizerInfo) -> dict:
-        """evaluate_math's report on the problems."""
-        return evaluate_math(backend, model, info, self.examples, self.generation)
+    def score(self, backend: Backend, model, info: TokenizerInfo, keep_texts: bool = False) -> dict:
+        """evaluate_math's report on the problems (with every completion when keep_texts)."""
+        return evaluate_math(backend, model, info, self.examples, self.generation, keep_texts)
 
 
 def math_examples(path: str, limit: int | None = None) -> list[MathExample]:
@@ -106,9 +106,15 @@ def math_examples(path: str, limit: int | None = None) -> list[MathExample]:
 
 
 def evaluate_math(
-    backend: Backend, model, info: TokenizerInfo, examples: list[MathExample], cfg: MathEvalConfig
+    backend: Backend,
+    model,
+    info: TokenizerInfo,
+    examples: list[MathExample],
+    cfg: MathEvalConfig,
+    keep_texts: bool = False,
 ) -> dict:
-    """Exact-match accuracy of the extracted final number (GSM8K-style)."""
+    """Exact-match accuracy of the extracted final number (GSM8K-style); with keep_texts the
+    report's "completions" holds every completion (PPO scores them with its reward model)."""
     out = generate_replies(
         backend, model, info, [ex.prompt_messages for ex in examples], cfg, "eval math"
     )
@@ -140,6 +146,8 @@ def evaluate_math(
         }
         for ex, text, p in list(zip(examples, out.texts, predicted))[:3]
     ]
+    if keep_texts:
+        report["completions"] = list(out.texts)
     return report
 
 

@@ -117,7 +117,12 @@ def describe(err: BaseException) -> str:
 
 
 def parse_weights(specs: str, weights: str | None) -> tuple[list[str], np.ndarray]:
-    """Reward names and their weights, checked without importing anything."""
+    """Reward names and their weights, checked without importing anything; "none" names no
+    function (PPO with a reward model alone)."""
+    if specs.strip() == "none":
+        if weights:
+            raise UserError("--reward-weights given with --rewards none")
+        return [], np.zeros(0)
     names = [s.strip() for s in specs.split(",") if s.strip()]
     if not names:
         raise UserError("--rewards names no reward function")

@@ -111,30 +111,49 @@ def test_loss_matches_the_oracle_on_every_backend(overrides, array_backends):
         assert 0.0 < clip < 1.0, f"{name}: clipping not exercised ({clip})"
 
 
-def oracle_advantages(rewards, group, scale, eps=1e-4):
+def oracle_advantages(rewards, group, scale, std="bessel", eps=1e-4):
+    """TRL 1.16's GRPOTrainer advantages: (r - group mean) / (torch.std + 1e-4), torch.std
+    being Bessel-corrected, over the group (scale_rewards="group") or the whole batch
+    ("batch"); std="population" is mlxpost's other option (divides by n)."""
+    correction = 1 if std == "bessel" else 0
+
+    def spread(values):
+        mean = sum(values) / len(values)
+        return (sum((v - mean) ** 2 for v in values) / (len(values) - correction)) ** 0.5
+
     out = []
     for start in range(0, len(rewards), group):
         chunk = list(rewards[start : start + group])
         mean = sum(chunk) / group
-        std = (sum((r - mean) ** 2 for r in chunk) / group) ** 0.5
         for r in chunk:
             if scale == "group":
-                out.append((r - mean) / (std + eps))
+                out.append((r - mean) / (spread(chunk) + eps))
             elif scale == "batch":
-                out.append((r - mean) / (float(np.std(rewards)) + eps))
+                out.append((r - mean) / (spread(list(rewards)) + eps))
             else:
                 out.append(r - mean)
     return np.array(out)
 
 
+@pytest.mark.parametrize("std", ["bessel", "population"])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_group_advantages(scale):
+def test_group_advantages(scale, std):
     rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, 0.0, 1.0, 0.0])
     np.testing.assert_allclose(
-        group_advantages(rewards, 4, scale), oracle_advantages(rewards, 4, scale), rtol=1e-12
+        group_advantages(rewards, 4, scale, std),
+        oracle_advantages(rewards, 4, scale, std),
+        rtol=1e-12,
     )
     # a group whose rewards are all equal carries no signal
-    assert np.all(group_advantages(rewards, 4, scale)[4:8] == 0)
+    assert np.all(group_advantages(rewards, 4, scale, std)[4:8] == 0)
+
+
+def test_default_advantages_are_trls():
+    """TRL's torch.std of [1, 0, 0, 1] is 0.57735 (n - 1), not the population's 0.5."""
+    cfg = GRPOConfig()
+    assert cfg.advantage_std == "bessel"
+    advantages = group_advantages(np.array([1.0, 0.0, 0.0, 1.0]), 4, "group", cfg.advantage_std)
+    np.testing.assert_allclose(advantages, np.array([0.5, -0.5, -0.5, 0.5]) / (0.5773502692 + 1e-4))
 
 
 def test_rank_advantages():

@@ -49,7 +49,8 @@ def small_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("small-data")
     paths = {}
     for command in [*COMMANDS, "text-eval"]:
-        with open(default_data(command), encoding="utf-8") as f:
+        first = default_data(command).split(",")[0]  # rm's default is two files
+        with open(first, encoding="utf-8") as f:
             lines = [next(f) for _ in range(16)]
         paths[command] = str(root / f"{command}.jsonl")
         with open(paths[command], "w", encoding="utf-8") as f:

@@ -87,6 +87,24 @@ def test_ppo_runs_and_logs_critic_metrics(tmp_path):
         for key in ("value_loss", "explained_variance", "approx_kl", "score", "reward_kl"):
             assert key in row, key
     assert os.path.isfile(out / "final" / "adapter_config.json")
+    assert os.path.isfile(out / "final" / "critic.npz")  # the separate critic, the default
+
+
+def test_ppo_adaptive_kl_and_shared_critic_resume_where_they_stopped(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "ppo"
+    args = [*SMALL, "--output", str(out), "--kl-target", "0.01", "--kl-horizon", "4"]
+    args += ["--critic", "shared", "--value-warmup-steps", "1", "--save-every", "1"]
+    assert run_cli("ppo", *args).returncode == 0
+    first = metrics_of(out)
+    assert first[1]["policy_updates"] == 0  # warmup: the critic alone
+    assert first[2]["policy_updates"] > 0
+    assert first[2]["kl_coef"] != first[1]["kl_coef"]  # the controller moved it
+    with open(out / "final" / "ppo_state.json") as f:
+        saved = json.load(f)["kl"]["value"]  # after step 2's update
+    result = run_cli("ppo", *args[2:], "--steps", "3", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics_of(out)[3]["kl_coef"] == pytest.approx(saved)
 
 
 # A reward that sleeps on its SLOW_AT-th call and first leaves a marker, so a test can send

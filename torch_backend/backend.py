@@ -49,8 +49,10 @@ class TorchForward(SharedForward):
     def recomputes(self, rows) -> bool:
         return torch.is_grad_enabled() and rows.requires_grad
 
-    def checkpointed(self, fn, rows):
-        """Non-reentrant torch.utils.checkpoint: closures' parameters get their gradients."""
+    def checkpointed(self, fn, rows, chain):
+        """Non-reentrant torch.utils.checkpoint: closures' parameters get their gradients.
+        torch runs the chunks in order by itself (eagerly forward, one backward node at a
+        time), so the chain is not needed."""
         return checkpoint(fn, rows, use_reentrant=False)
 
     @staticmethod

@@ -7,7 +7,8 @@ gradient passes over the rollouts with the old (behaviour) logprobs kept.
 
 Variants, by option:
 - advantages: group mean-centred, scaled by the group std (GRPO), the batch std,
-  or not at all (Dr. GRPO, Liu et al., 2025); or rank-based within the group.
+  or not at all (Dr. GRPO, Liu et al., 2025); or rank-based within the group. The
+  std is Bessel-corrected (n - 1) as in TRL, or the population's (--advantage-std).
 - clipping: separate lower/upper ranges (DAPO's clip-higher, Yu et al., 2025).
 - importance ratio: per token (GRPO) or per sequence as the geometric mean of
   token ratios (GSPO, Zheng et al., 2025).
@@ -25,6 +26,7 @@ Dr. GRPO.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -40,6 +42,7 @@ from mlxpost.loop import Algorithm, Session
 
 ADVANTAGES = ("group", "batch", "none", "rank")
 AGGREGATIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+STD_KINDS = ("bessel", "population")
 
 
 @dataclass
@@ -59,6 +62,12 @@ class GRPOConfig(RLConfig):
         "token", "Importance ratio per token (GRPO) or per sequence (GSPO).", ("token", "sequence")
     )
     aggregation: str = option("grpo", "How token losses are averaged.", AGGREGATIONS)
+    advantage_std: str = option(
+        "bessel",
+        "Std that scales group and batch advantages: bessel (divides by n - 1, as TRL and "
+        "torch.std) or population (divides by n).",
+        STD_KINDS,
+    )
     log_kl: bool = option(
         True,
         "Log the KL to the reference (adapter off) even when --kl-beta is 0; it costs one more forward pass per step.",
@@ -67,6 +76,8 @@ class GRPOConfig(RLConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.rewards.strip() == "none":
+            raise UserError("--rewards none leaves GRPO nothing to score")
         if self.num_generations < 2 and self.advantage != "none":
             raise UserError("--num-generations must be at least 2 for group advantages")
 
@@ -78,11 +89,17 @@ def group_advantages(
     rewards: np.ndarray,
     group_size: int,
     scale: str,
+    std: str = "bessel",
     eps: float = 1e-4,
     batch_std: float | None = None,
 ) -> np.ndarray:
-    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size;
-    `batch_std` is the std the "batch" scale divides by (default: these rewards')."""
+    """Group-relative advantages of (N,) rewards ordered prompt-major in groups of group_size.
+
+    "group" and "batch" divide the centred rewards by std + eps, the std Bessel-corrected
+    (n - 1, TRL's torch.std) or the population's (n): with 8 completions the population
+    std is 0.935x the corrected one, so its advantages are 7% larger. `batch_std` is the
+    std the "batch" scale divides by when given (every rank's rewards, already corrected
+    as `std` says); by default these rewards'."""
     groups = rewards.reshape(-1, group_size)  # (P, G)
     if scale == "rank":
         # Ranks (ties averaged) centred and scaled to [-1, 1]: robust to the rewards' scale.
@@ -92,11 +109,12 @@ def group_advantages(
                 tied = groups[row] == value
                 ranks[row, tied] = ranks[row, tied].mean()
         return ((ranks - (group_size - 1) / 2) / max((group_size - 1) / 2, 1)).reshape(-1)
+    ddof = 1 if std == "bessel" else 0
     centred = groups - groups.mean(axis=1, keepdims=True)
     if scale == "group":
-        centred = centred / (groups.std(axis=1, keepdims=True) + eps)
+        centred = centred / (groups.std(axis=1, ddof=ddof, keepdims=True) + eps)
     elif scale == "batch":
-        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
+        centred = centred / ((rewards.std(ddof=ddof) if batch_std is None else batch_std) + eps)
     return centred.reshape(-1)
 
 
@@ -183,7 +201,10 @@ class GRPO(Algorithm):
         session.backend.seed(distributed.rank_seed(cfg.seed + step))  # a rank's own draws
         rollout = self.rollouts.sample(step)
         rewards, reward_metrics = self.rollouts.score(rollout)
-        _, reward_std, _ = distributed.mean_and_std(rewards)  # over every rank's rewards
+        _, reward_std, count = distributed.mean_and_std(rewards)  # over every rank's rewards
+        batch_std = reward_std  # the "batch" scale's, corrected as --advantage-std says
+        if cfg.advantage_std == "bessel" and count > 1:
+            batch_std = reward_std * math.sqrt(count / (count - 1))
         # The KL needs the reference's logprobs: in the loss when beta > 0, else only logged.
         has_reference = cfg.kl_beta > 0 or (cfg.lora and cfg.log_kl)
         batch = {
@@ -195,7 +216,7 @@ class GRPO(Algorithm):
             if has_reference
             else np.zeros_like(rollout.old_logprobs),
             "advantages": group_advantages(
-                rewards, cfg.num_generations, cfg.advantage, batch_std=reward_std
+                rewards, cfg.num_generations, cfg.advantage, cfg.advantage_std, batch_std=batch_std
             ).astype(np.float32),
         }
         parts, weights = self.microbatches(batch)

@@ -45,7 +45,9 @@ class RMConfig(TrainConfig):
     learning_rate: float = option(
         1e-3, "Peak learning rate (AdamW); LoRA on small models wants a high one."
     )
-    steps: int = option(100, "Optimizer steps.")
+    steps: int = option(
+        300, "Optimizer steps (300 of 16 pairs: about one epoch of the bundled pairs)."
+    )
     centring_coef: float = option(
         0.0,
         "Weight of the reward-centring term mean((r_chosen + r_rejected)^2) (Eisenstein et al., "

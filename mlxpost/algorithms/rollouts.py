@@ -87,7 +87,7 @@ class Rollouts:
         self.rewards = RewardSet.parse(cfg.rewards, cfg.reward_weights, cfg.reward_failure_share)
         self.math = HeldOutMath(cfg, cfg.max_new_tokens)
         session.say(
-            f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names)}"
+            f"{data}: {len(self.examples)} prompts; rewards {', '.join(self.rewards.names) or 'none'}"
         )
 
     def sample(self, step: int) -> RolloutBatch:

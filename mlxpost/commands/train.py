@@ -99,15 +99,20 @@ def grpo(ctx, config_file, **values):
 @cli_options(PPOConfig)
 @click.pass_context
 def ppo(ctx, config_file, **values):
-    """PPO with a value head and GAE (InstructGPT-style RLHF).
+    """PPO with a critic and GAE (InstructGPT-style RLHF).
 
     \b
-    Reward: --reward-model DIR (from `mlxpost rm`) scored at the last token, or
-    the --rewards functions (default: math correctness + format); a per-token
-    KL penalty to the base (adapter off) is added. The critic is a value head
-    on the policy's trunk. GAE(--gamma, --lam), whitened advantages, clipped
-    policy and value losses, --ppo-epochs over --minibatches, early stop at
-    1.5 x --target-kl. Logs value loss and explained variance.
+    Reward: the --rewards functions (default: math correctness + format) plus
+    --reward-model DIR (from `mlxpost rm`, scored at the last token, its scores
+    normalised by their running mean and std; alone unless --rewards is given),
+    with optional --reward-clip, --missing-eos-penalty and --length-penalty; a
+    per-token KL penalty to the base (adapter off), fixed (--kl-beta) or
+    adaptive (--kl-target). The critic is a separate LoRA and value head
+    (--critic separate, the default), initialised from the reward model
+    (reward_model) or a head on the policy's trunk (shared).
+    GAE(--gamma, --lam), whitened advantages, clipped policy and value losses,
+    --ppo-epochs over --minibatches, early stop at 1.5 x --target-kl. Logs
+    value loss, explained variance and the KL coefficient.
     """
     run("ppo", PPOConfig, "ppo:PPO", ctx, values, config_file, scalar_head=True)
 
@@ -119,8 +124,9 @@ def rm(ctx, config_file, **values):
     """Reward model: the LM trunk plus a scalar head, trained on preference pairs.
 
     \b
-    Default data: the bundled preference pairs (prompt/chosen/rejected; held-out:
-    their test split); any preference format works (explicit, implicit, HH-RLHF
+    Default data: both bundled preference files, the explicit pairs and the
+    HH-RLHF dialogues (held-out: the explicit pairs' test split), for 300 steps;
+    any preference format works (explicit, implicit, HH-RLHF
     dialogues). Loss: Bradley-Terry -log sigmoid(r_chosen - r_rejected - margin),
     with the `margin` column when the data has one, plus --centring-coef times
     mean((r_chosen + r_rejected)^2). The reward is read at the last token.
