@@ -26,7 +26,8 @@ import numpy as np
 
 from mlxpost import assets, cli, distributed
 from mlxpost.algorithms.grpo import GRPO, GRPOConfig, grpo_loss
-from mlxpost.algorithms.ppo import PPO, PPOConfig, ppo_loss
+from mlxpost.algorithms.ppo import PPO, PPOConfig, critic_loss, ppo_loss
+from mlxpost.algorithms.ppo_control import KLController, RunningMoments
 from mlxpost.algorithms.rollouts import RolloutBatch, Rollouts
 from mlxpost.backend import Samples, get_backend
 
@@ -132,6 +133,14 @@ def update(backend_name: str, algorithm: str, options: dict, output: str) -> Non
     trainer.session, trainer.cfg = session, cfg
     trainer.loss_fn = partial(ppo_loss if algorithm == "ppo" else grpo_loss, cfg=cfg)
     trainer.reward_model = None
+    if algorithm == "ppo":  # what PPO.__init__ sets besides its data: a shared critic
+        trainer.policy_loss_fn = partial(ppo_loss, cfg=replace(cfg, vf_coef=0.0))
+        trainer.critic_loss_fn = partial(critic_loss, cfg=cfg)
+        trainer.kl = KLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
+        trainer.score_moments = RunningMoments() if cfg.normalise_reward_model else None
+        trainer.value_moments = RunningMoments() if cfg.normalise_values else None
+        trainer.critic = trainer.critic_optimizer = None
+        trainer.restored = True
     trainer.rollouts = FixedRollouts(session, cfg, batch)
     metrics = distributed.reduce_metrics(trainer.train_step(0))
     if world.is_main:

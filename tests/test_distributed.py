@@ -101,7 +101,7 @@ UPDATES = [
     ("dapo-batch-std", "grpo", {"aggregation": "dapo", "grad_accum": 2, "advantage": "batch"}),
     ("bnpo", "grpo", {"aggregation": "bnpo"}),
     ("dr-grpo-gspo", "grpo", {"aggregation": "dr_grpo", "importance": "sequence"}),
-    ("ppo", "ppo", {"minibatches": 1, "ppo_epochs": 1, "target_kl": 0}),
+    ("ppo", "ppo", {"minibatches": 1, "ppo_epochs": 1, "target_kl": 0, "critic": "shared"}),
 ]
 MLX_UPDATES = [UPDATES[1], UPDATES[4]]
 
