@@ -71,3 +71,11 @@ def test_matching_logprobs_weigh_one():
         weights, metrics = importance_weights(sampler, sampler, mask, mode, 3.0)
         np.testing.assert_array_equal(weights, mask)
         assert metrics["sampler_gap"] == 0.0
+
+
+def test_floor_must_be_below_the_cap():
+    from mlxpost.algorithms.grpo import GRPOConfig
+    from mlxpost.errors import UserError
+
+    with pytest.raises(UserError, match="--importance-floor"):
+        GRPOConfig(importance_correction="token_mask", importance_cap=2.0, importance_floor=2.0)

@@ -25,6 +25,7 @@ from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
 from mlxpost.batching import step_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import load_examples
+from mlxpost.errors import UserError
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
@@ -83,6 +84,11 @@ class RLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         parse_weights(self.rewards, self.reward_weights)  # before any model is loaded
+        if self.importance_floor is not None and self.importance_floor >= self.importance_cap:
+            raise UserError(
+                f"--importance-floor ({self.importance_floor}) must be below --importance-cap "
+                f"({self.importance_cap})"
+            )
 
 
 @dataclass
