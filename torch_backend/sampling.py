@@ -9,7 +9,7 @@ embeddings, fused projections), but it pays none of `generate`'s per-token bookk
 * the attention masks are built here from a (B, S) record of the slots holding real tokens,
   one (B, 1, T, S) additive mask per attention type, so transformers' mask construction never
   runs;
-* on CPU, attention runs transformers' eager code (eager_attention);
+* on CPU in float32, attention runs transformers' eager code (eager_attention);
 * tokens are drawn on the device with the seeded generator, exactly as `torch.multinomial`
   draws them (the same exponential race over the same (N, V) noise), so the random stream does
   not depend on how the batch is laid out;
@@ -176,7 +176,8 @@ def eager_attention(model: TorchModel) -> Iterator[None]:
     third of a decode step of the bundled model there."""
     module = model.module
     previous = module.config._attn_implementation
-    if previous == "eager" or module.device.type != "cpu":
+    # In half precision the two round differently: the sampler keeps the trainer's kernel.
+    if previous == "eager" or module.device.type != "cpu" or model.dtype != "float32":
         yield
         return
     module.set_attn_implementation("eager")
