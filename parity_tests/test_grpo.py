@@ -44,6 +44,8 @@ def oracle_loss(logits, batch, cfg):
             advantage = batch["advantages"][b]
             clipped = min(max(ratio, 1 - cfg.clip_low), 1 + cfg.clip_high)
             value = max(-advantage * ratio, -advantage * clipped)
+            if "importance_weights" in batch:
+                value *= batch["importance_weights"][b, t]
             log_r = logp[b, t] - batch["ref_logprobs"][b, t]
             k3 = np.exp(-log_r) - 1 + log_r
             per_token[b, t] = value + cfg.kl_beta * k3
@@ -109,6 +111,19 @@ def test_loss_matches_the_oracle_on_every_backend(overrides, array_backends):
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name}: {got} vs {expected}"
         clip = float(ops.to_numpy(metrics["clip_fraction"]))
         assert 0.0 < clip < 1.0, f"{name}: clipping not exercised ({clip})"
+
+
+def test_importance_weights_scale_each_token_surrogate(array_backends):
+    cfg = GRPOConfig(temperature=0.8, kl_beta=0.1)
+    logits, batch = random_batch()
+    weights = np.random.default_rng(3).uniform(0.0, 2.0, size=batch["loss_mask"].shape)
+    batch["importance_weights"] = (weights * batch["loss_mask"]).astype(np.float32)
+    expected = oracle_loss(logits, batch, cfg)
+    for name, ops, convert in array_backends:
+        forward = LogitsForward(ops, convert(logits))
+        loss, _ = grpo_loss(ops, forward, {k: convert(v) for k, v in batch.items()}, cfg)
+        got = float(ops.to_numpy(loss))
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), f"{name}: {got} vs {expected}"
 
 
 def oracle_advantages(rewards, group, scale, std="bessel", eps=1e-4):

@@ -74,7 +74,10 @@ def oracle_ppo(logits, scores, batch, cfg):
             logp = z[ids[b, t]] - (np.log(np.exp(z - z.max()).sum()) + z.max())
             ratio = np.exp(logp - batch["old_logprobs"][b, t])
             a = batch["advantages"][b, t]
-            pg += max(-a * ratio, -a * min(max(ratio, 1 - cfg.clip_range), 1 + cfg.clip_range))
+            weight = batch["importance_weights"][b, t] if "importance_weights" in batch else 1.0
+            pg += weight * max(
+                -a * ratio, -a * min(max(ratio, 1 - cfg.clip_range), 1 + cfg.clip_range)
+            )
             value, old = scores[b, t - 1], batch["old_values"][b, t]
             clipped = old + min(max(value - old, -cfg.clip_range_value), cfg.clip_range_value)
             ret = batch["returns"][b, t]
@@ -82,7 +85,8 @@ def oracle_ppo(logits, scores, batch, cfg):
     return pg / count + cfg.vf_coef * vf / count
 
 
-def test_ppo_loss_matches_the_oracle():
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "importance_weights"])
+def test_ppo_loss_matches_the_oracle(weighted):
     rng = np.random.default_rng(1)
     rows, width, vocab = 3, 8, 7
     logits = rng.normal(0, 2, size=(rows, width, vocab)).astype(np.float32)
@@ -100,6 +104,10 @@ def test_ppo_loss_matches_the_oracle():
         "advantages": (rng.normal(size=(rows, width)) * mask).astype(np.float32),
         "returns": (rng.normal(size=(rows, width)) * mask).astype(np.float32),
     }
+    if weighted:  # the sampler/trainer correction weighs each token's policy loss
+        batch["importance_weights"] = (rng.uniform(0, 2, size=(rows, width)) * mask).astype(
+            np.float32
+        )
     cfg = PPOConfig(temperature=0.9, vf_coef=0.5)
     loss, metrics = ppo_loss(
         NumpyOps, LogitsForward(NumpyOps, logits, scores=scores, chunk=4), batch, cfg

@@ -68,24 +68,40 @@ def test_grpo_runs_and_logs_its_metrics(tmp_path):
 
 
 def test_grpo_without_kl_logging_skips_the_reference(tmp_path):
+    """Also runs the importance-sampling correction, which logs the sampler/trainer mismatch:
+    mlxpost's sampler matches the trainer to float32 rounding, so every ratio is about 1."""
     pytest.importorskip("torch")
     out = tmp_path / "grpo"
-    result = run_cli("grpo", *SMALL, "--no-log-kl", "--output", str(out))
+    result = run_cli(
+        "grpo",
+        *SMALL,
+        "--no-log-kl",
+        "--importance-correction",
+        "sequence_mask",
+        "--output",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for row in metrics_of(out)[1:]:
         assert "kl" not in row
         assert not GRPO_METRICS - set(row)
+        assert row["sampler_gap_max"] < 1e-4
+        assert row["importance_masked"] == 0.0
+        assert abs(row["importance_ratio_max"] - 1) < 1e-3
 
 
 def test_ppo_runs_and_logs_critic_metrics(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "ppo"
-    result = run_cli("ppo", *SMALL, "--output", str(out))
+    result = run_cli(
+        "ppo", *SMALL, "--importance-correction", "token_truncate", "--output", str(out)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics_of(out)
     for row in rows[1:]:
         for key in ("value_loss", "explained_variance", "approx_kl", "score", "reward_kl"):
             assert key in row, key
+        assert row["sampler_gap_max"] < 1e-4  # the correction's mismatch metric
     assert os.path.isfile(out / "final" / "adapter_config.json")
     assert os.path.isfile(out / "final" / "critic.npz")  # the separate critic, the default
 

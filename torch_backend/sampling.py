@@ -1,16 +1,37 @@
-"""Batched sampling with a KV cache, mirroring mlxpost/mlx_backend/sampling.py."""
+"""Batched sampling with a preallocated KV cache, mirroring mlxpost/mlx_backend/sampling.py.
+
+The decode loop runs the trainer's own transformers modules (`base_model` and the head), so
+every architecture keeps its specifics (soft-capping, sliding windows, rope variants, scaled
+embeddings, fused projections), but it pays none of `generate`'s per-token bookkeeping:
+
+* keys and values go into buffers of fixed shape (B, KVH, prompt + budget, D), written in
+  place (`DecodeCache`), instead of a cache that grows by concatenation;
+* the attention masks are built here from a (B, S) record of the slots holding real tokens,
+  one (B, 1, T, S) additive mask per attention type, so transformers' mask construction never
+  runs;
+* on CPU in float32, attention runs transformers' eager code (eager_attention);
+* tokens are drawn on the device with the seeded generator, exactly as `torch.multinomial`
+  draws them (the same exponential race over the same (N, V) noise), so the random stream does
+  not depend on how the batch is laid out;
+* the host reads the finished flags only every `sync_every` tokens; rows that finished are
+  then retired (the batch compacts) once they are at least a quarter of it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
-from torch_backend.modeling import TorchModel, positions
+from torch_backend.modeling import TORCH_DTYPES, TorchModel, lm_logits, positions
+
+SYNC_EVERY = 8  # tokens between host reads of the finished flags
+RETIRE_SHARE = 0.25  # compact the batch once this share of its rows has finished
 
 
 def cache_keyword(module: torch.nn.Module) -> str:
@@ -38,8 +59,12 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return scaled
 
 
-def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator):
-    """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T)."""
+def choose(logits: torch.Tensor, cfg: SamplingConfig, noise: torch.Tensor | None):
+    """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T).
+
+    noise: (N, V) Exp(1) draws; argmax(probs / noise) is the draw `torch.multinomial(probs, 1)`
+    makes from the same noise (its one-sample path), so a row's token depends only on its own
+    noise row."""
     logits = logits.float()
     if cfg.temperature == 0:
         token = torch.argmax(logits, dim=-1)
@@ -48,11 +73,136 @@ def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         scaled = logits / cfg.temperature
         logp = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        token = torch.argmax(probs / noise, dim=-1)
     return token, logp.gather(-1, token[:, None])[:, 0]
 
 
-@torch.no_grad()
+class DecodeCache:
+    """Per-layer key/value buffers (B, KVH, S, D) allocated once for prompt + budget, written
+    in place.
+
+    It stands in for transformers' Cache in the attention modules' `update(key, value,
+    layer_idx)`: the T new entries go to slots [first, first + T) (set before each forward
+    call) and the filled prefix comes back, so attention reads only the slots written so far.
+    Buffers are allocated on the first write, from the shapes the model's own layers produce.
+    """
+
+    def __init__(self, length: int, keyword: str):
+        self.length = length
+        self.keyword = keyword  # the name forward takes it under (cache_keyword)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.first = 0  # slot of the first new token of the current forward call
+        self.written = 0  # slots filled before it
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self.keys:
+            batch, heads, _, dim = key.shape
+            shape = (batch, heads, self.length, dim)
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros(shape)
+        end = self.first + key.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, self.first : end] = key
+        values[:, :, self.first : end] = value
+        return keys[:, :, :end], values[:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.written
+
+    def rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows `index` (in that order): repeats for samples, retirements."""
+        for buffers in (self.keys, self.values):
+            for layer, buffer in buffers.items():
+                buffers[layer] = buffer.index_select(0, index)
+
+
+class DecodeMasks:
+    """Additive attention masks (B, 1, T, S) over the cache's slots, in the model dtype, one per
+    attention type the model's layers use (a dict where the config names layer types, else one
+    mask, windowed where the config has a window, as model_mask gives transformers).
+
+    A query at slot q sees a key at slot k iff k <= q, k holds a real token, and on sliding
+    layers q - k < window: transformers' rule on cache positions, left padding included (a
+    padding query sees the real keys before it, so no row of the softmax is empty but the
+    leading padding's, which gets a uniform row, as transformers' does)."""
+
+    def __init__(self, model: TorchModel, prompt_mask: torch.Tensor, length: int):
+        config = model.module.config
+        self.dtype = TORCH_DTYPES[model.dtype]
+        self.window = getattr(config, "sliding_window", None)
+        self.types = sorted(set(getattr(config, "layer_types", None) or ())) or None
+        unknown = set(self.types or ()) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ValueError(f"sampling does not support layers of type {sorted(unknown)}")
+        batch, width = prompt_mask.shape
+        device = prompt_mask.device
+        self.real = torch.zeros((batch, length), dtype=torch.bool, device=device)
+        self.real[:, :width] = prompt_mask > 0
+        self.index = torch.arange(length, device=device)
+        self.zero = torch.zeros((), dtype=self.dtype, device=device)
+        self.blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=device)
+
+    def build(self, first: int, count: int):
+        """The mask(s) for queries in slots [first, first + count) over keys in slots
+        [0, first + count)."""
+        end = first + count
+        distance = self.index[first:end, None] - self.index[None, :end]  # (T, S)
+        visible = (distance >= 0)[None] & self.real[:, None, :end]  # (B, T, S)
+
+        def additive(window: int | None) -> torch.Tensor:
+            allowed = visible if window is None else visible & (distance < window)[None]
+            return torch.where(allowed, self.zero, self.blocked)[:, None]  # (B, 1, T, S)
+
+        if self.types is None:
+            return additive(self.window)
+        return {
+            kind: additive(self.window if kind == "sliding_attention" else None)
+            for kind in self.types
+        }
+
+    def mark_real(self, slot: int) -> None:
+        self.real[:, slot] = True
+
+    def rows(self, index: torch.Tensor) -> None:
+        self.real = self.real.index_select(0, index)
+
+
+@contextlib.contextmanager
+def eager_attention(model: TorchModel) -> Iterator[None]:
+    """transformers' eager attention while sampling. Its matmuls give sdpa's numbers to float32
+    rounding (modeling.ATTENTION), and for one query over a cache of a few hundred slots they
+    took half the time of torch's fused CPU kernel (measured on a 2-core machine), which was a
+    third of a decode step of the bundled model there."""
+    module = model.module
+    previous = module.config._attn_implementation
+    # In half precision the two round differently: the sampler keeps the trainer's kernel.
+    if previous == "eager" or module.device.type != "cpu" or model.dtype != "float32":
+        yield
+        return
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(previous)
+
+
+def forward_hidden(model: TorchModel, ids, masks, position_ids, cache: DecodeCache, first: int):
+    """Final hidden states (B, T, H) of the new tokens at slots [first, first + T), their keys
+    and values written into the cache, through the model's own modules."""
+    count = ids.shape[1]
+    cache.first = first
+    out = model.module.base_model(
+        input_ids=ids,
+        attention_mask=masks,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache.keyword: cache},
+    )
+    cache.written = first + count
+    return out.last_hidden_state
+
+
 def sample(
     model: TorchModel,
     prompts: Sequence[Sequence[int]],
@@ -62,66 +212,85 @@ def sample(
     seed: int,
     device: torch.device,
     on_token: Callable[[np.ndarray], None] | None = None,
+    sync_every: int = SYNC_EVERY,
 ) -> Samples:
     """Sample cfg.n completions per prompt. `on_token`, when given, is called after every
     step with that step's (N,) int32 token row (pad_id in rows already finished), so a
-    caller can stream the tokens; it changes nothing sampled."""
+    caller can stream the tokens; it changes nothing sampled. `sync_every` (tokens between
+    checks for EOS) changes only the speed, never the samples."""
+    with torch.no_grad(), eager_attention(model):
+        return decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_every)
+
+
+def decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_every) -> Samples:
+    """sample()'s loop, run under no_grad with the sampling attention."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
+    width = prompt_ids.shape[1]
+    budget = new_token_budget(model.config, width, cfg.max_new_tokens)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     mask = torch.as_tensor(prompt_mask, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.as_tensor(list(eos_ids), device=device)
 
-    cache_name = cache_keyword(model.module)
-    out = model.module(  # logits of the last position only: never (B, P, V) for the prompt
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions(mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache, logits = out[cache_name], out.logits[:, -1]  # (B, V)
-    next_position = positions(mask)[:, -1] + 1  # (B,)
+    cache = DecodeCache(width + budget, cache_keyword(model.module.base_model))
+    masks = DecodeMasks(model, mask, width + budget)
+    hidden = forward_hidden(model, ids, masks.build(0, width), positions(mask), cache, 0)
+    logits = lm_logits(model, hidden[:, -1])  # (B, V): never (B, P, V) for the prompt
+    position = positions(mask)[:, -1] + 1  # (B,)
     if cfg.n > 1:  # every sample of a prompt reuses that prompt's prefill
-        cache.batch_repeat_interleave(cfg.n)
-        logits = logits.repeat_interleave(cfg.n, dim=0)
-        mask = mask.repeat_interleave(cfg.n, dim=0)
-        next_position = next_position.repeat_interleave(cfg.n, dim=0)
+        repeat = torch.arange(ids.shape[0], device=device).repeat_interleave(cfg.n)
+        cache.rows(repeat)
+        masks.rows(repeat)
+        logits, position = logits[repeat], position[repeat]
 
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
-    tokens, logprobs, live = [], [], []
+    total = logits.shape[0]
+    rows = torch.arange(total, device=device)  # the original row of each batch row
+    done = torch.zeros(total, dtype=torch.bool, device=device)
+    tokens = torch.full((total, budget), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((total, budget), dtype=torch.float32, device=device)
+    live = torch.zeros((total, budget), dtype=torch.bool, device=device)
+    noise = None
     for step in range(budget):
-        token, logp = choose(logits, cfg, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logprobs.append(logp)
-        live.append(~done)
+        if cfg.temperature > 0:  # noise for every original row: retiring rows keeps the stream
+            noise = torch.empty((total, logits.shape[-1]), device=device)
+            noise = noise.exponential_(1, generator=generator)
+            if rows.shape[0] < total:
+                noise = noise[rows]
+        token, logp = choose(logits, cfg, noise)
+        token = torch.where(done, pad_id, token)
+        tokens[rows, step] = token
+        logprobs[rows, step] = logp
+        live[rows, step] = ~done
         done = done | torch.isin(token, eos)
         if on_token is not None:  # a device-to-host copy per step, only when streaming
-            on_token(token.cpu().numpy().astype(np.int32))
-        if bool(done.all()) or step == budget - 1:
+            on_token(tokens[:, step].cpu().numpy().astype(np.int32))
+        if step == budget - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model.module(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_position[:, None],
-            use_cache=True,
-            **{cache_name: cache},
+        if (step + 1) % sync_every == 0 or on_token is not None:
+            finished = int(done.sum())
+            if finished == done.shape[0]:
+                break
+            if finished >= RETIRE_SHARE * done.shape[0]:
+                keep = torch.nonzero(~done)[:, 0]
+                cache.rows(keep)
+                masks.rows(keep)
+                rows, done, token, position = rows[keep], done[keep], token[keep], position[keep]
+        slot = width + step
+        masks.mark_real(slot)
+        hidden = forward_hidden(
+            model, token[:, None], masks.build(slot, 1), position[:, None], cache, slot
         )
-        cache, logits = out[cache_name], out.logits[:, -1]
-        next_position = next_position + 1
+        logits = lm_logits(model, hidden[:, -1])
+        position = position + 1
 
-    def stacked(steps):  # one device-to-host copy at the end, not one per token
-        return torch.stack(steps, dim=1).cpu().numpy()
-
+    live = live.cpu().numpy()
+    steps = int(np.flatnonzero(live.any(axis=0)).max()) + 1  # up to the last EOS, as generated
     return assemble(
         prompt_ids,
         prompt_mask,
-        stacked(tokens),
-        stacked(logprobs),
-        stacked(live),
+        tokens[:, :steps].cpu().numpy(),
+        logprobs[:, :steps].cpu().numpy(),
+        live[:, :steps],
         cfg.n,
         eos_ids,
         pad_id,

@@ -20,7 +20,7 @@ Variants, by option:
 
 Departures from the paper: the old logprobs are the sampler's behaviour
 logprobs (the trainer's own are not recomputed; their mean gap is logged as
-`logprob_gap`), and the KL term is off by default (beta = 0), as in DAPO and
+`logprob_gap`) unless --importance-correction is on, and the KL term is off by default (beta = 0), as in DAPO and
 Dr. GRPO.
 """
 
@@ -123,7 +123,9 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
 
     batch: input_ids, attention_mask (prompt + completion), loss_mask (completion tokens),
     old_logprobs, ref_logprobs (aligned, 0 outside completions), advantages (B,),
-    normaliser (scalar tokens for bnpo/dapo/dr_grpo).
+    normaliser (scalar tokens for bnpo/dapo/dr_grpo); optionally importance_weights (B, T),
+    the detached sampler/trainer correction of algorithms/importance.py, which multiplies each
+    token's clipped surrogate (not the KL term), as in TRL.
     """
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     terms = head_terms(ops, forward, ids, mask, temperature=cfg.temperature, entropy=True)
@@ -138,6 +140,8 @@ def grpo_loss(ops, forward, batch, cfg: GRPOConfig):
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ops.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     per_token = ops.maximum(pg_loss1, pg_loss2)
+    if "importance_weights" in batch:  # sampler/trainer mismatch correction (importance.py)
+        per_token = per_token * batch["importance_weights"]
     kl = kl_estimate(ops, logprobs, batch["ref_logprobs"], cfg.kl_estimator) * loss_mask
     if cfg.kl_beta > 0:
         per_token = per_token + cfg.kl_beta * kl
@@ -218,6 +222,7 @@ class GRPO(Algorithm):
             "advantages": group_advantages(
                 rewards, cfg.num_generations, cfg.advantage, cfg.advantage_std, batch_std=batch_std
             ).astype(np.float32),
+            **rollout.correction,
         }
         parts, weights = self.microbatches(batch)
         skipped = 0.0

@@ -191,7 +191,8 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
 
     batch: input_ids, attention_mask, loss_mask, old_logprobs, old_values, advantages,
     returns (all (B, T) aligned with input_ids; the value of token t is the critic's
-    output at t - 1, the state it was chosen in).
+    output at t - 1, the state it was chosen in); optionally importance_weights (B, T), the
+    detached sampler/trainer correction of algorithms/importance.py on the policy loss.
     """
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     hidden, scores = forward.hidden_and_scores(ids, mask)
@@ -205,7 +206,10 @@ def ppo_loss(ops, forward, batch, cfg: PPOConfig):
     advantages = batch["advantages"]
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ops.clip(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-    policy_loss = masked_mean(ops, ops.maximum(pg_loss1, pg_loss2), loss_mask)
+    policy_per_token = ops.maximum(pg_loss1, pg_loss2)
+    if "importance_weights" in batch:  # sampler/trainer mismatch correction (importance.py)
+        policy_per_token = policy_per_token * batch["importance_weights"]
+    policy_loss = masked_mean(ops, policy_per_token, loss_mask)
     value_loss = clipped_value_loss(ops, values, batch, cfg)
     loss = policy_loss + cfg.vf_coef * value_loss
     metrics = {
@@ -452,6 +456,7 @@ class PPO(Algorithm):
                 "attention_mask": rollout.attention_mask,
                 "loss_mask": loss_mask,
                 "old_logprobs": rollout.old_logprobs,
+                **rollout.correction,
             },
             scores,
             kl,

@@ -4,20 +4,30 @@ Prompts of step s are drawn from a permutation seeded by (seed, epoch) and the
 sampler is seeded by (seed, step), so a resumed run samples what an
 uninterrupted one would have. In a data-parallel run each rank samples its share
 of the step's prompts with a seed of its own (mlxpost.distributed).
+
+Samples come from a rollout engine (`RolloutEngine`): by default the training backend's own
+sampler on the live model (`BackendEngine`); another engine (vLLM, a server) plugs in through
+the same two methods without touching the algorithms. Its logprobs are the old logprobs of
+the losses unless the importance-sampling correction (algorithms/importance.py) is on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from mlxpost import assets
+from mlxpost.algorithms.importance import MODES as IMPORTANCE_MODES
+from mlxpost.algorithms.importance import importance_weights
 from mlxpost.backend import Samples, SamplingConfig, adapter_disabled
 from mlxpost.batching import step_indices
 from mlxpost.config import TrainConfig, option
 from mlxpost.data import load_examples
 from mlxpost.distributed import rank_seed, shard
+from mlxpost.errors import UserError
 from mlxpost.evaluation import HeldOutMath, eval_math_data_option, eval_math_option
 from mlxpost.generation import encode_prompt
 from mlxpost.loop import Session
@@ -55,6 +65,19 @@ class RLConfig(TrainConfig):
     mask_truncated: bool = option(
         False, "Leave completions cut at --max-new-tokens out of the loss."
     )
+    importance_correction: str = option(
+        "none",
+        "Importance-sampling correction of a sampler/trainer mismatch (TRL's vllm_importance_sampling_mode): weight each token's policy loss by the trainer/sampler probability ratio per token or per sequence, truncated at the cap or masked (0) beyond it; the trainer's own logprobs become the old ones. Costs one more forward pass per step; none: off (mlxpost's samplers match the trainer to rounding).",
+        IMPORTANCE_MODES,
+    )
+    importance_cap: float = option(
+        3.0, "Upper cap of the importance ratio (TRL's vllm_importance_sampling_clip_max).", gt=0
+    )
+    importance_floor: float | None = option(
+        None,
+        "Lower cap of the importance ratio (TRL's vllm_importance_sampling_clip_min); none: no floor.",
+        ge=0,
+    )
     eval_every: int = option(10, "Evaluate every N steps (0: only at the end).")
     save_every: int = option(50, "Checkpoint every N steps (0: only the final one).")
     eval_math: int = eval_math_option(200)
@@ -63,6 +86,11 @@ class RLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         parse_weights(self.rewards, self.reward_weights)  # before any model is loaded
+        if self.importance_floor is not None and self.importance_floor >= self.importance_cap:
+            raise UserError(
+                f"--importance-floor ({self.importance_floor}) must be below --importance-cap "
+                f"({self.importance_cap})"
+            )
 
 
 @dataclass
@@ -74,11 +102,50 @@ class RolloutBatch:
     attention_mask: np.ndarray
     loss_mask: np.ndarray  # float32 (N, P + C): completion tokens that count
     old_logprobs: np.ndarray  # behaviour logprobs aligned with input_ids, 0 elsewhere
+    # importance-sampling correction, when on: {"importance_weights": (N, P + C)} for the loss
+    correction: dict[str, np.ndarray] = field(default_factory=dict)
+    mismatch: dict[str, float] = field(default_factory=dict)  # sampler vs trainer metrics
+
+
+class RolloutEngine(Protocol):
+    """What samples a step's completions for GRPO and PPO."""
+
+    def sync_weights(self) -> None:
+        """Called before each step's sampling: an engine holding its own copy of the weights
+        loads the trainer's current ones here."""
+
+    def sample(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: SamplingConfig,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        seed: int,
+    ) -> Samples:
+        """cfg.n completions per prompt with behaviour logprobs under the Samples contract."""
+
+
+class BackendEngine:
+    """The training backend's own sampler on the live model: the weights are shared, so there
+    is nothing to sync."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def sync_weights(self) -> None:
+        pass
+
+    def sample(self, prompts, cfg, eos_ids, pad_id, seed) -> Samples:
+        session = self.session
+        return session.backend.sample(session.model, prompts, cfg, eos_ids, pad_id, seed=seed)
 
 
 class Rollouts:
-    def __init__(self, session: Session, cfg: RLConfig, command: str):
+    def __init__(
+        self, session: Session, cfg: RLConfig, command: str, engine: RolloutEngine | None = None
+    ):
         self.session, self.cfg = session, cfg
+        self.engine = engine or BackendEngine(session)
         data = cfg.data or assets.default_data(command)
         _, self.examples = load_examples(data, command)
         tokenizer = session.info.tokenizer
@@ -102,8 +169,8 @@ class Rollouts:
             top_k=cfg.top_k,
             n=cfg.num_generations,
         )
-        samples = session.backend.sample(
-            session.model,
+        self.engine.sync_weights()
+        samples = self.engine.sample(
             [self.prompts[i] for i in chosen],
             sampling,
             info.eos_ids,
@@ -117,7 +184,7 @@ class Rollouts:
         completion = samples.completion_mask.astype(np.float32)
         if cfg.mask_truncated:
             completion = completion * samples.finished[:, None]
-        return RolloutBatch(
+        batch = RolloutBatch(
             samples=samples,
             texts=texts,
             source=chosen[samples.prompt_index],
@@ -130,6 +197,30 @@ class Rollouts:
                 [np.zeros(samples.prompt_ids.shape, np.float32), samples.logprobs], axis=1
             ),
         )
+        if cfg.importance_correction != "none":
+            self.correct(batch)
+        return batch
+
+    def correct(self, batch: RolloutBatch) -> None:
+        """The importance-sampling correction (algorithms/importance.py): the trainer's own
+        logprobs of the sampled tokens become the old logprobs, and the loss weights and the
+        mismatch metrics come from their ratio to the sampler's."""
+        backend, model, cfg = self.session.backend, self.session.model, self.cfg
+        completion = np.concatenate(
+            [np.zeros(batch.samples.prompt_ids.shape), batch.samples.completion_mask], axis=1
+        )
+        trainer = backend.logprobs(model, batch.input_ids, batch.attention_mask, cfg.temperature)
+        trainer = (trainer * completion).astype(np.float32)
+        weights, batch.mismatch = importance_weights(
+            trainer,
+            batch.old_logprobs,
+            completion,
+            cfg.importance_correction,
+            cfg.importance_cap,
+            cfg.importance_floor,
+        )
+        batch.correction = {"importance_weights": weights}
+        batch.old_logprobs = trainer
 
     def score(self, batch: RolloutBatch) -> tuple[np.ndarray, dict]:
         columns = {
@@ -154,6 +245,7 @@ class Rollouts:
             "completion_length": float(samples.completion_mask.sum(axis=1).mean()),
             "truncated": float(np.mean(~samples.finished)),
             "tokens": float(batch.attention_mask.sum()),
+            **batch.mismatch,
         }
 
     def evaluate(self) -> dict[str, float]:

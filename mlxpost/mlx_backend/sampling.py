@@ -1,4 +1,13 @@
-"""Batched sampling with a KV cache, mirroring torch_backend/sampling.py."""
+"""Batched sampling with a preallocated KV cache, mirroring torch_backend/sampling.py.
+
+The decode loop keeps the device busy and the host out of the way: each step's graph is
+handed to MLX with `mx.async_eval` (the host builds the next step while this one runs), the
+token choice is one compiled function, the host reads the finished flags only every
+`sync_every` tokens, and rows that finished are then retired (the batch compacts) once they are
+at least a quarter of it. Tokens are drawn as `mx.random.categorical` draws them (argmax of the
+logits plus Gumbel noise of the step's key) from noise drawn for every original row, so the
+samples do not depend on when rows are retired.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ from mlxpost.mlx_backend.modeling import MLXModel, positions
 from mlxpost.mlx_backend.models.common import make_cache
 
 NEG_INF = float("-inf")
+SYNC_EVERY = 8  # tokens between host reads of the finished flags
+RETIRE_SHARE = 0.25  # compact the batch once this share of its rows has finished
 
 
 def filter_logits(scaled: mx.array, top_k: int, top_p: float) -> mx.array:
@@ -32,19 +43,26 @@ def filter_logits(scaled: mx.array, top_k: int, top_p: float) -> mx.array:
     return scaled
 
 
-def choose(logits: mx.array, cfg: SamplingConfig, key: mx.array):
-    """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T)."""
+def choose(logits: mx.array, cfg: SamplingConfig, noise: mx.array | None):
+    """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T).
+
+    noise: (N, V) Gumbel draws; argmax(filtered logits + noise) is `mx.random.categorical`'s
+    draw from the same noise, so a row's token depends only on its own noise row."""
     logits = logits.astype(mx.float32)
     if cfg.temperature == 0:
         token = mx.argmax(logits, axis=-1)
         scaled = logits
     else:
         scaled = logits / cfg.temperature
-        token = mx.random.categorical(filter_logits(scaled, cfg.top_k, cfg.top_p), key=key)
+        token = mx.argmax(filter_logits(scaled, cfg.top_k, cfg.top_p) + noise, axis=-1)
     logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-    return token.astype(mx.int32), mx.take_along_axis(logp, token[:, None].astype(mx.int32), -1)[
-        :, 0
-    ]
+    token = token.astype(mx.int32)
+    return token, mx.take_along_axis(logp, token[:, None], -1)[:, 0]
+
+
+def chooser(cfg: SamplingConfig):
+    """choose() for this config, compiled once per batch shape."""
+    return mx.compile(lambda logits, noise: choose(logits, cfg, noise))
 
 
 def sample(
@@ -55,16 +73,19 @@ def sample(
     pad_id: int,
     seed: int,
     on_token: Callable[[np.ndarray], None] | None = None,
+    sync_every: int = SYNC_EVERY,
 ) -> Samples:
     """Sample cfg.n completions per prompt. `on_token`, when given, is called after every
     step with that step's (N,) int32 token row (pad_id in rows already finished), so a
-    caller can stream the tokens; it changes nothing sampled."""
+    caller can stream the tokens; it changes nothing sampled. `sync_every` (tokens between
+    checks for EOS) changes only the speed, never the tokens."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     budget = new_token_budget(model.config, prompt_ids.shape[1], cfg.max_new_tokens)
     ids, mask = mx.array(prompt_ids), mx.array(prompt_mask)
     key = mx.random.key(seed)
     eos = mx.array(list(eos_ids), dtype=mx.int32)
     module = model.module
+    pick = chooser(cfg)
 
     cache = make_cache(module, ids.shape[0], ids.shape[1] + budget)
     hidden = module(ids, positions(mask), mask, cache)
@@ -76,35 +97,57 @@ def sample(
         mask = mx.repeat(mask, cfg.n, axis=0)
         next_position = mx.repeat(next_position, cfg.n, axis=0)
 
-    done = mx.zeros((logits.shape[0],), dtype=mx.bool_)
-    tokens, logprobs, live = [], [], []
+    total = logits.shape[0]
+    rows = np.arange(total)  # the original row of each batch row (the host decides retirements)
+    done = mx.zeros((total,), dtype=mx.bool_)
+    steps = []  # (rows, token, logp, live) per step, over the rows then in the batch
+    noise = None
     for step in range(budget):
         key, step_key = mx.random.split(key)
-        token, logp = choose(logits, cfg, step_key)
+        if cfg.temperature > 0:  # noise for every original row: retiring rows keeps the stream
+            noise = mx.random.gumbel((total, logits.shape[-1]), key=step_key)
+            if rows.shape[0] < total:
+                noise = noise[mx.array(rows)]
+        token, logp = pick(logits, noise)
         token = mx.where(done, pad_id, token)
-        tokens.append(token)
-        logprobs.append(logp)
-        live.append(mx.logical_not(done))
+        steps.append((rows, token, logp, mx.logical_not(done)))
         done = mx.logical_or(done, (token[:, None] == eos[None, :]).any(axis=-1))
-        mx.eval(done, token, logp)
+        mx.async_eval(token, logp, done)
         if on_token is not None:
-            on_token(np.array(token))
-        if bool(done.all()) or step == budget - 1:
+            row = np.full(total, pad_id, dtype=np.int32)
+            row[rows] = np.array(token)
+            on_token(row)
+        if step == budget - 1:
             break
+        if (step + 1) % sync_every == 0 or on_token is not None:
+            finished = np.array(done)
+            if finished.all():
+                break
+            if finished.sum() >= RETIRE_SHARE * finished.shape[0]:
+                keep = mx.array(np.flatnonzero(~finished))
+                cache = cache.take(keep)
+                rows = rows[np.flatnonzero(~finished)]
+                done, token, mask = done[keep], token[keep], mask[keep]
+                next_position = next_position[keep]
         mask = mx.concatenate([mask, mx.ones_like(mask[:, :1])], axis=1)
         hidden = module(token[:, None], next_position[:, None], mask, cache)
         logits = module.lm_logits(hidden)[:, 0]
         next_position = next_position + 1
 
-    def stacked(steps):
-        return np.array(mx.stack(steps, axis=1))
-
+    tokens = np.full((total, len(steps)), pad_id, dtype=np.int32)
+    logprobs = np.zeros((total, len(steps)), dtype=np.float32)
+    live = np.zeros((total, len(steps)), dtype=bool)
+    for column, (step_rows, token, logp, alive) in enumerate(steps):
+        tokens[step_rows, column] = np.array(token)
+        logprobs[step_rows, column] = np.array(logp)
+        live[step_rows, column] = np.array(alive)
+    width = int(np.flatnonzero(live.any(axis=0)).max()) + 1  # up to the last EOS, as generated
     return assemble(
         prompt_ids,
         prompt_mask,
-        stacked(tokens),
-        stacked(logprobs),
-        stacked(live),
+        tokens[:, :width],
+        logprobs[:, :width],
+        live[:, :width],
         cfg.n,
         eos_ids,
         pad_id,

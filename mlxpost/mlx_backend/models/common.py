@@ -177,6 +177,15 @@ class KVCache:
         out.values = [mx.repeat(x, n, axis=0) for x in self.values]
         return out
 
+    def take(self, rows: mx.array) -> KVCache:
+        """New cache of only the rows `rows` (the batch compacts when samples finish)."""
+        out = KVCache.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.batch = rows.shape[0]
+        out.keys = [x[rows] for x in self.keys]
+        out.values = [x[rows] for x in self.values]
+        return out
+
     @property
     def state(self) -> list[mx.array]:
         """All buffers, for ``mx.eval(cache.state)``."""
