@@ -14,9 +14,11 @@ Phases:
   (no gradient) and the clipped-ratio loss with a KL term, entropy and its backward;
 * ``sample``: 2 prompts of 32 tokens, 8 samples each sharing the prefill, M new tokens.
 
-Options: ``whole`` (--logits-chunk 0: the loss head holds the whole logits, as before
-chunking), ``chunk`` (the default chunk: 65 positions at this vocabulary), ``chunk+ckpt``
-(and --grad-checkpoint), ``chunk+ckpt+q4`` (and a 4-bit base; MLX only).
+Options: ``before`` (the previous version's code, given with --before: the loss head on the
+whole logits), ``whole`` (--logits-chunk 0), ``chunk`` (chunks of 16 positions, so that both
+token counts run several; the default's extra memory over them is measured on the head alone
+and added when deriving), ``chunk+ckpt`` (and --grad-checkpoint), ``chunk+ckpt+q4`` (and a
+4-bit base; MLX only).
 
 What is derived. In float32 at depths L in {1, 2} and two token counts N, each (backend,
 phase, option) is fitted exactly by peak = a + b L + c N + d L N: a fixed cost (the embedding,
@@ -26,10 +28,12 @@ backward). The full-size figure is that fit at L = 26 with bfloat16 weights: a a
 float32 weights' bytes and gain bfloat16's (4-bit layers: MLX's 4-bit weights with bfloat16
 scales and biases, 4.5 bits a weight), and c and d are scaled by the ratio of the per-token
 slopes measured in bfloat16 and float32 at L = 1 (small runs: bfloat16 matmuls on this CPU run
-at a few GFLOP/s). The real run: a GRPO step of 2 prompts x 8 completions x (128 + 256) tokens
+at a few GFLOP/s), and the default chunk's extra memory is added. The real run: a GRPO step of 2 prompts x 8 completions x (128 + 256) tokens
 (N = 6,144; sampling the same 16 rows) and an SFT step of 4 x 512 tokens (N = 2,048).
 
-    python scripts/bench_memory.py                  # everything; results in bench_memory.json
+    python scripts/bench_memory.py --before ../old  # everything; ../old: a checkout of the
+                                                    # version before chunking (else "before"
+                                                    # is skipped); results in bench_memory.json
     python scripts/bench_memory.py --backends mlx   # one backend
     python scripts/bench_memory.py --report         # the tables from the saved results
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
-from mlxpost.backend_shared.heads import logits_chunk_rows, row_chunks
+from mlxpost.backend_shared.heads import model_chunk_rows, row_chunks
 
 
 class SharedForward:
@@ -35,8 +35,7 @@ class SharedForward:
         into {name: (N,)}. A chunk holds --logits-chunk rows (heads.logits_chunk_rows);
         through this model's head (role None) each chunk is checkpointed, so its logits are
         freed after the forward pass and recomputed, one chunk at a time, in the backward."""
-        size = logits_chunk_rows(self.model.logits_chunk, int(self.model.config["vocab_size"]))
-        chunks = row_chunks(rows.shape[0], size)
+        chunks = row_chunks(rows.shape[0], model_chunk_rows(self.model))
         if len(chunks) == 1:
             return fn(rows, chunks[0])
         recompute = role is None and self.recomputes(rows)

@@ -36,6 +36,12 @@ def logits_chunk_rows(setting: int | None, vocab_size: int) -> int | None:
     return setting
 
 
+def model_chunk_rows(model) -> int | None:
+    """Rows of logits at once for a loaded model (MLXModel or TorchModel: .logits_chunk and
+    .config's vocab_size)."""
+    return logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
+
+
 def row_chunks(count: int, rows: int | None) -> list[slice]:
     """Slices covering range(count) in pieces of `rows` (one slice when rows is None)."""
     if rows is None or rows >= count:

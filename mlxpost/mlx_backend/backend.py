@@ -12,7 +12,7 @@ import numpy as np
 from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.backend_shared.forward import SharedForward
-from mlxpost.backend_shared.heads import logits_chunk_rows
+from mlxpost.backend_shared.heads import logits_chunk_rows, model_chunk_rows
 from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
@@ -233,7 +233,7 @@ class MLXBackend:
         """Whether a training step is compiled: unless its loss head runs in several chunks.
         Compiled, the chunks lose their order and most of their logits live at once
         (measured: about twice the uncompiled peak); the head's matmuls dominate such steps."""
-        size = logits_chunk_rows(model.logits_chunk, int(model.config["vocab_size"]))
+        size = model_chunk_rows(model)
         rows = max(b["input_ids"].shape[0] * (b["input_ids"].shape[1] - 1) for b in microbatches)
         return self.compile and (size is None or rows <= size)
 
