@@ -192,6 +192,12 @@ class Backend(Protocol):
         of float32 logits), 0 all at once."""
         ...
 
+    def shard_weights(self, model: Any) -> None:
+        """Full fine-tuning sharded over the data-parallel ranks (--fsdp): each rank keeps its
+        share of the weights, gradients and optimizer moments. The model's calls stay the same
+        but become collective: every rank makes them (torch only; MLX refuses)."""
+        ...
+
     def set_grad_checkpoint(self, model: Any, enabled: bool) -> None:
         """Recompute each transformer block's activations in the backward pass (less memory,
         the same losses and gradients) while enabled; frozen models never need it."""

@@ -142,6 +142,11 @@ class TrainConfig:
         "Recompute each transformer block's activations in the backward pass instead of keeping them: less memory, about a third more compute, the same numbers.",
         flag="--grad-checkpoint/--no-grad-checkpoint",
     )
+    fsdp: bool = option(
+        False,
+        "Full fine-tuning sharded over the ranks of a torchrun launch (torch's FSDP2): each rank holds its share of the weights, gradients and AdamW moments instead of all of them, for a model whose training state does not fit one device; the same numbers. Needs --full and --backend torch; sft, distill, rm and dpo (not grpo or ppo).",
+        flag="--fsdp/--no-fsdp",
+    )
     logits_chunk: int | None = option(
         None,
         "Token positions whose vocabulary-wide logits the loss computes at once; each chunk is recomputed in the backward pass, so the loss head's memory is chunk x vocabulary instead of batch x tokens x vocabulary, with the same numbers. 0: all at once. Default: as many as make 64 MB of float32 logits (65 positions for a 256,000-token vocabulary, whole batches for small ones).",
@@ -176,6 +181,13 @@ class TrainConfig:
             )
         if self.quantize is not None and not self.lora:
             raise UserError("--quantize trains a LoRA adapter on a quantized base; drop --full")
+        if self.fsdp and self.lora:
+            raise UserError(
+                "--fsdp shards full fine-tuning: add --full (a LoRA adapter is small enough for "
+                "plain data-parallel runs, which need no option)"
+            )
+        if self.fsdp and self.backend != "torch":
+            raise UserError(f"--fsdp is torch's FSDP: use --backend torch, not {self.backend}")
         if self.resume and not self.output:
             raise UserError("--resume needs --output: the run directory to continue")
 
@@ -275,6 +287,7 @@ CHANGEABLE_ON_RESUME = (
     "wandb_project",
     "grad_checkpoint",
     "logits_chunk",
+    "fsdp",
 )
 
 

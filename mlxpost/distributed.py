@@ -6,6 +6,8 @@ Every rank holds the whole model and optimizer state, takes its share of each
 step's global batch (`shard`), and the backends all-reduce the gradients so
 that each rank applies the update the single-process run would have applied
 to the same global batch (mlxpost/backend_shared/training.py, `global_weights`).
+With --fsdp (torch, full fine-tuning) each rank holds only its share of the
+weights, gradients and optimizer moments instead (torch_backend/fsdp.py).
 Batch statistics an objective needs (batch-std advantages, token-count
 normalisers, PPO whitening) are all-reduced by the algorithms through
 `world().all_sum`; the step's metrics through `reduce_metrics`.
@@ -42,6 +44,9 @@ class World:
 
     rank: int = 0
     size: int = 1
+    # The model's weights are split over the ranks (--fsdp): every rank takes part in every
+    # pass over it (evaluations and checkpoints included), not rank 0 alone.
+    sharded: bool = False
 
     @property
     def is_main(self) -> bool:

@@ -117,6 +117,13 @@ class Session:
             backend.attach_lora(model, cfg.lora_config(), seed=cfg.seed)
         if cfg.grad_checkpoint:
             backend.set_grad_checkpoint(model, True)
+        world = distributed.world()
+        world.sharded = bool(cfg.fsdp and world.size > 1)
+        if world.sharded:
+            backend.shard_weights(model)
+            self.say(f"fsdp: each of the {world.size} ranks holds its share of the weights")
+        elif cfg.fsdp:
+            self.say("--fsdp: one process, nothing to shard")
         backend.set_logits_chunk(model, cfg.logits_chunk)
         trainable, total = backend.parameter_count(model)
         mode = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full fine-tuning"
@@ -157,11 +164,13 @@ def setup(command: str, cfg: TrainConfig, scalar_head: bool = False) -> Session:
 
 def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bool = False) -> str:
     """Trainable weights and optimizer state, committed atomically; refused if any is not finite.
-    Every rank checks (their state is the same, so all stop together); rank 0 writes."""
+    Every rank reads them (their state is the same, so all stop together; a sharded model's
+    are gathered from every rank); rank 0 writes."""
     run, backend, model = session.run, session.backend, session.model
     target = os.path.join(run.path, "final") if final else run.checkpoint_dir(step)
     trainable = backend.parameters(model, trainable_only=True)
     optimizer = backend.optimizer_state(session.optimizer)
+    weights = None if session.cfg.lora else backend.parameters(model)  # what export writes
     moments = {k: v for k, v in optimizer.items() if k != "step"}
     bad = next((k for k, v in {**trainable, **moments}.items() if not np.all(np.isfinite(v))), None)
     if bad is not None:
@@ -176,7 +185,7 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     try:
         save_arrays(os.path.join(staging, "trainable.npz"), trainable)
         save_arrays(os.path.join(staging, "optimizer.npz"), moments)
-        export_model(session, staging)
+        export_model(session, staging, weights)
         algorithm.export(staging)
         run.commit_checkpoint(staging, target, {"step": step, "optimizer_step": optimizer["step"]})
     except BaseException:  # a cut-short checkpoint leaves no staging directory behind
@@ -185,13 +194,14 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     return target
 
 
-def export_model(session: Session, directory: str) -> None:
-    """What users load: a PEFT adapter (LoRA) or a Hugging Face checkpoint (full), with tokenizer."""
+def export_model(session: Session, directory: str, weights: dict | None) -> None:
+    """What users load: a PEFT adapter (LoRA) or a Hugging Face checkpoint (full: `weights`,
+    every parameter), with tokenizer."""
     backend, model, cfg = session.backend, session.model, session.cfg
     if cfg.lora:
         backend.save_adapter(model, directory)
         return
-    weights = {k: v for k, v in backend.parameters(model).items() if not k.startswith("score.")}
+    weights = {k: v for k, v in weights.items() if not k.startswith("score.")}
     save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(cfg.model, "config.json"), directory)
     for name in TOKENIZER_FILES:
@@ -203,36 +213,45 @@ def restore(session: Session) -> int | None:
     """Load the newest checkpoint of the run directory into the model and optimizer; returns
     its step, or None when the run has none yet. Reads only: nothing is written. In a
     data-parallel run rank 0 reads and sends the state to the others (which need not see
-    the run directory)."""
-    world = distributed.world()
-    step = read_checkpoint(session) if world.is_main else None
+    the run directory); every rank then loads it (a sharded model's rank its own share)."""
+    world, backend = distributed.world(), session.backend
+    # Every rank: a sharded model's parameters are gathered, which takes all of them.
+    expected = backend.parameters(session.model, trainable_only=True)
+    found = read_checkpoint(session, expected) if world.is_main else None
     if world.size > 1:
-        step = int(world.broadcast(-1 if step is None else step))
-        step = None if step < 0 else step
-        if step is not None:
-            broadcast_state(session)
+        found = broadcast_checkpoint(found, expected)
+    if found is None:
+        return None
+    step, trainable, optimizer_state = found
+    backend.set_parameters(session.model, trainable)
+    backend.load_optimizer_state(session.optimizer, optimizer_state)
     return step
 
 
-def broadcast_state(session: Session) -> None:
-    """Rank 0's trainable weights and optimizer state on every rank."""
-    world, backend, model = distributed.world(), session.backend, session.model
-    trainable = backend.parameters(model, trainable_only=True)
-    state = backend.optimizer_state(session.optimizer)
-    optimizer_step = int(world.broadcast(state["step"]))
-    moments = {}
-    if optimizer_step:
-        for name, value in trainable.items():
-            for slot in ("m", "v"):
-                mine = state.get(f"{slot}.{name}", np.zeros_like(value))
-                moments[f"{slot}.{name}"] = world.broadcast(mine).astype(value.dtype)
-    backend.set_parameters(
-        model, {k: world.broadcast(v).astype(v.dtype) for k, v in trainable.items()}
-    )
-    backend.load_optimizer_state(session.optimizer, {"step": optimizer_step, **moments})
+def broadcast_checkpoint(found: tuple | None, expected: dict) -> tuple | None:
+    """Rank 0's checkpoint (step, trainable weights, optimizer state) on every rank; the
+    others pass None and learn the arrays' shapes from `expected`."""
+    world = distributed.world()
+    step = int(world.broadcast(-1 if found is None else found[0]))
+    if step < 0:
+        return None
+    _, trainable, state = found if world.is_main else (step, {}, {})
+    names = sorted(k for k in state if k != "step" and k.split(".", 1)[-1] in expected)
+    slots = world.all_gather(names if world.is_main else None)
+    optimizer_step = int(world.broadcast(state.get("step", 0)))
+
+    def sent(name: str, mine: dict, shape_of: str) -> np.ndarray:
+        value = mine[name] if world.is_main else np.zeros_like(expected[shape_of])
+        return world.broadcast(value).astype(expected[shape_of].dtype)
+
+    trainable = {name: sent(name, trainable, name) for name in expected}
+    moments = {key: sent(key, state, key.split(".", 1)[1]) for key in slots[0]}
+    return step, trainable, {"step": optimizer_step, **moments}
 
 
-def read_checkpoint(session: Session) -> int | None:
+def read_checkpoint(session: Session, expected: dict) -> tuple | None:
+    """The newest checkpoint's (step, trainable weights, optimizer state), checked against
+    the run's model (`expected`: its trainable parameters); None when there is none."""
     found = session.run.latest_checkpoint()
     if found is None:
         return None
@@ -248,16 +267,12 @@ def read_checkpoint(session: Session) -> int | None:
             f"{path}: checkpoint is unreadable ({type(err).__name__}: {err}); "
             "remove it to resume from the one before"
         ) from err
-    backend = session.backend
-    expected = backend.parameters(session.model, trainable_only=True)
     if set(trainable) != set(expected) or any(
         trainable[k].shape != expected[k].shape for k in expected
     ):
         raise UserError(f"{path}: checkpoint does not match the run's model and adapter")
-    backend.set_parameters(session.model, trainable)
-    backend.load_optimizer_state(session.optimizer, {"step": optimizer_step, **optimizer_state})
     session.say(f"resuming from {path}")
-    return step
+    return step, trainable, {"step": optimizer_step, **optimizer_state}
 
 
 def train(session: Session, algorithm: Algorithm) -> dict:
@@ -314,10 +329,14 @@ class Progress:
             self.session.reporter.log(row)
 
     def evaluate(self, algorithm: Algorithm, step: int) -> dict:
-        """Held-out figures, measured by rank 0 alone (the others wait at the next step)."""
-        if not distributed.world().is_main:
+        """Held-out figures, measured by rank 0 alone (the others wait at the next step); by
+        every rank when the model is sharded (its passes need all of them), rank 0's kept."""
+        world = distributed.world()
+        if not world.is_main and not world.sharded:
             return {}
         figures = algorithm.evaluate(step)
+        if not world.is_main:
+            return {}
         self.eval_keys += [k for k in figures if k not in self.eval_keys]
         return figures
 

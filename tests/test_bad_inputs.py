@@ -1153,6 +1153,17 @@ TRAINING_CASES = [
         f"sft --batch-size 16 --grad-accum 3 {RUN}",
         "--batch-size 16 is not a multiple of --grad-accum 3",
     ),
+    Case("sft-fsdp-lora", f"sft --fsdp {RUN}", "--fsdp shards full fine-tuning: add --full"),
+    Case(
+        "sft-fsdp-mlx",
+        f"sft --fsdp --full --backend mlx {RUN}",
+        "--fsdp is torch's FSDP: use --backend torch, not mlx",
+    ),
+    Case(
+        "grpo-fsdp",
+        f"grpo --fsdp --full --backend torch {RUN}",
+        "--fsdp is not supported for rollout training (grpo, ppo)",
+    ),
     Case("sft-warmup-negative", f"sft --warmup-steps -1 {RUN}", "--warmup-steps must be >= 0"),
     Case(
         "sft-min-lr-ratio-above-one",

@@ -140,14 +140,41 @@ def jobs(backend: str, root: Path, tag: str, updates, with_dpo: bool, with_grpo:
         common += ["--steps", "3", "--max-length", "64"]
     examples = ["--data", str(root / "examples.jsonl")]
     out = [{"cli": [*SFT, *common, *examples, "--output", str(root / f"sft-{tag}")]}]
-    if with_dpo:  # and the other torch-only runs: full fine-tuning, rm
+    if with_dpo:  # and the other torch-only runs: full fine-tuning, rm, FSDP
         pairs = ["--data", str(root / "pairs.jsonl")]
         full = [*SFT, *common, *examples, "--steps", "3", "--full", "--learning-rate", "1e-4"]
         rm = ["rm", *DPO[1:], *common, *pairs, "--steps", "3"]
+        # --fsdp on one process shards nothing: its runs are the plain full fine-tuning ones.
+        fsdp = ["--full", "--fsdp", "--learning-rate", "1e-4"]
         out += [
             {"cli": [*full, "--output", str(root / f"sft-full-{tag}")]},
             {"cli": [*DPO, *common, *pairs, "--output", str(root / f"dpo-{tag}")]},
             {"cli": [*rm, "--output", str(root / f"rm-{tag}")]},
+            {
+                "cli": [
+                    *full,
+                    *fsdp,
+                    "--grad-accum",
+                    "2",
+                    "--save-every",
+                    "2",
+                    "--output",
+                    str(root / f"sft-fsdp-{tag}"),
+                ]
+            },
+            {
+                "cli": [
+                    *DPO,
+                    *common,
+                    *pairs,
+                    *fsdp,
+                    "--steps",
+                    "3",
+                    "--output",
+                    str(root / f"dpo-fsdp-{tag}"),
+                ]
+            },
+            {"cli": [*rm, *fsdp, "--output", str(root / f"rm-fsdp-{tag}")]},
         ]
     for name, algorithm, options in updates:
         update = {"backend_name": backend, "algorithm": algorithm, "options": options}
@@ -168,6 +195,7 @@ def run_jobs(launcher: str, root: Path, updates, with_dpo: bool) -> Path:
         result = run(launch(launcher, ranks, [JOBS, spec]))
         assert result.returncode == 0, result.stderr[-3000:]
         (root / f"stdout-{ranks}").write_text(result.stdout)
+        (root / f"stderr-{ranks}").write_text(result.stderr)
     return root
 
 
@@ -221,9 +249,28 @@ def npz(path: Path) -> dict:
 # ---- the engines, against one process ----
 
 
-@pytest.mark.parametrize("command", ["sft", "sft-full", "dpo", "rm"])
+@pytest.mark.parametrize(
+    "command", ["sft", "sft-full", "dpo", "rm", "sft-fsdp", "dpo-fsdp", "rm-fsdp"]
+)
 def test_torch_two_ranks_train_what_one_does(torch_runs, command):
+    """FSDP's runs included: 2 ranks each holding half of every weight, gradient and moment
+    (the checkpoints hold them whole) train what one process does."""
     assert_same_run(torch_runs / f"{command}-1", torch_runs / f"{command}-2")
+    if command.endswith("fsdp"):
+        # The AdamW moments, each kind as one vector: tensors whose gradient is zero but for
+        # rounding (the reward head's bias under Bradley-Terry) hold moments of rounding alone.
+        one, two = (
+            npz(torch_runs / f"{command}-{ranks}" / "final" / "optimizer.npz") for ranks in (1, 2)
+        )
+        for slot in ("m.", "v."):
+            names = [k for k in one if k.startswith(slot)]
+            assert names and set(names) == {k for k in two if k.startswith(slot)}
+            a, b = (np.concatenate([state[k].ravel() for k in names]) for state in (one, two))
+            assert np.linalg.norm(a - b) <= TOLERANCE * np.linalg.norm(a), slot
+        # and the 2-rank runs did shard (the 1-rank ones had nothing to shard)
+        sharded = "fsdp: each of the 2 ranks holds its share of the weights"
+        assert (torch_runs / "stderr-2").read_text().count(sharded) == 3
+        assert (torch_runs / "stderr-1").read_text().count("--fsdp: one process") == 3
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in UPDATES])
@@ -247,7 +294,7 @@ def test_torch_two_ranks_write_one_run_directory(torch_runs):
     checkpoints = sorted(os.listdir(torch_runs / "grpo-2" / "checkpoints"))
     assert checkpoints == ["step-1"]  # the last step is final/
     # Rank 0 alone prints the final JSON object of each command.
-    assert (torch_runs / "stdout-2").read_text().count('"command":') == 5
+    assert (torch_runs / "stdout-2").read_text().count('"command":') == 8
 
 
 def test_torch_run_resumes_on_another_number_of_ranks(torch_runs, tmp_path):
@@ -262,6 +309,19 @@ def test_torch_run_resumes_on_another_number_of_ranks(torch_runs, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr and "step-3" in result.stderr
     assert_same_run(torch_runs / "sft-1", resumed)
+
+
+def test_torch_fsdp_run_resumes_on_two_ranks(torch_runs, tmp_path):
+    """The sharded sft run resumed from its step-2 checkpoint on 2 sharded ranks (each loads
+    its share of the whole arrays) ends where the uninterrupted run does."""
+    resumed = tmp_path / "sft-fsdp"
+    shutil.copytree(torch_runs / "sft-fsdp-2", resumed)
+    shutil.rmtree(resumed / "final")
+    cli = ["-m", "mlxpost.cli", "sft", "--resume", "--output", resumed, "--steps", 3]
+    result = run(launch("torch", 2, cli))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr and "step-2" in result.stderr
+    assert_same_run(torch_runs / "sft-fsdp-1", resumed)
 
 
 def rank_pids(parent: int) -> dict[int, int]:

@@ -15,7 +15,7 @@ from mlxpost.backend_shared.forward import SharedForward
 from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.functional import head_terms
-from torch_backend import checkpoint_io, lora, modeling, sampling, training
+from torch_backend import checkpoint_io, fsdp, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
@@ -132,6 +132,14 @@ class TorchBackend:
     def set_grad_checkpoint(self, model: TorchModel, enabled: bool) -> None:
         modeling.set_grad_checkpoint(model, enabled)
 
+    def shard_weights(self, model: TorchModel) -> None:
+        """FSDP (torch_backend/fsdp.py): each rank of a data-parallel run keeps its share of
+        every weight, gradient and optimizer moment; the model's other calls are unchanged
+        but are collective (every rank makes them)."""
+        if model.lora:
+            raise ValueError("sharding is for full fine-tuning; this model has a LoRA adapter")
+        model.shell = fsdp.shard(model.module, modeling.decoder_layers(model.module))
+
     def set_logits_chunk(self, model: TorchModel, rows: int | None) -> None:
         """Rows of logits the loss head computes at once (None: the default; 0: all)."""
         logits_chunk_rows(rows, 1)  # refuses a negative count
@@ -190,7 +198,8 @@ class TorchBackend:
             for name, value in params.items():
                 if name not in named:
                     raise KeyError(f"unknown parameter {name!r}")
-                named[name].copy_(torch.as_tensor(value).to(named[name].dtype))
+                value = torch.as_tensor(value).to(named[name].dtype)
+                named[name].copy_(fsdp.like(value, named[name]))  # a shard: its own part
 
     def parameter_count(self, model: TorchModel) -> tuple[int, int]:
         trainable = sum(p.numel() for p in model.named_trainable().values())
@@ -203,23 +212,27 @@ class TorchBackend:
     @torch.no_grad()
     def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        terms = head_terms(self.ops, TorchForward(model), ids, mask, temperature=temperature)
+        with fsdp.gathered(model.shell):
+            terms = head_terms(self.ops, TorchForward(model), ids, mask, temperature=temperature)
         return terms["logprobs"].cpu().numpy()
 
     @torch.no_grad()
     def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return modeling.logits(model, ids, mask).float().cpu().numpy()
+        with fsdp.gathered(model.shell):
+            return modeling.logits(model, ids, mask).float().cpu().numpy()
 
     @torch.no_grad()
     def hidden_states(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return modeling.hidden_states(model, ids, mask).float().cpu().numpy()
+        with fsdp.gathered(model.shell):
+            return modeling.hidden_states(model, ids, mask).float().cpu().numpy()
 
     @torch.no_grad()
     def scores(self, model, input_ids, attention_mask) -> np.ndarray:
         ids, mask = self.tensor(input_ids), self.tensor(attention_mask)
-        return modeling.scores(model, ids, mask).cpu().numpy()
+        with fsdp.gathered(model.shell):
+            return modeling.scores(model, ids, mask).cpu().numpy()
 
     def sample(
         self,
@@ -230,7 +243,8 @@ class TorchBackend:
         pad_id: int,
         seed: int,
     ) -> Samples:
-        return sampling.sample(model, prompts, cfg, eos_ids, pad_id, seed, self.device)
+        with fsdp.gathered(model.shell):
+            return sampling.sample(model, prompts, cfg, eos_ids, pad_id, seed, self.device)
 
     # ---- training ----
     def make_optimizer(self, model: TorchModel, cfg: OptimConfig) -> training.TorchOptimizer:
@@ -238,11 +252,12 @@ class TorchBackend:
 
     def loss_and_grads(self, model: TorchModel, loss_fn, batch: dict):
         params = model.named_trainable()
+        loss_fn = in_shell(model, loss_fn)
         with self.dropout_on(model):
             loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
             loss.backward()
         grads = {
-            n: p.grad.detach().float().cpu().numpy()
+            n: fsdp.full(p.grad.detach()).float().cpu().numpy()
             for n, p in params.items()
             if p.grad is not None
         }
@@ -253,7 +268,8 @@ class TorchBackend:
     @torch.no_grad()
     def compute_loss(self, model: TorchModel, loss_fn, batch: dict) -> tuple[float, dict]:
         """The loss and metrics of loss_fn without gradients or dropout."""
-        loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
+        with fsdp.gathered(model.shell):
+            loss, metrics = loss_fn(self.ops, TorchForward(model), self.batch_to_tensors(batch))
         return float(loss), {k: float(v) for k, v in metrics.items()}
 
     def train_step(self, model, optimizer, loss_fn, microbatches, weights=None) -> dict[str, float]:
@@ -262,7 +278,7 @@ class TorchBackend:
                 optimizer,
                 TorchForward(model),
                 self.ops,
-                loss_fn,
+                in_shell(model, loss_fn),
                 microbatches,
                 weights,
                 self.batch_to_tensors,
@@ -292,3 +308,10 @@ class TorchBackend:
 
     def save_safetensors(self, tensors: dict[str, torch.Tensor], path: str) -> None:
         checkpoint_io.save_safetensors(tensors, path)
+
+
+def in_shell(model: TorchModel, loss_fn):
+    """loss_fn run inside the root FSDP unit's forward when the model is sharded (fsdp.py)."""
+    if model.shell is None:
+        return loss_fn
+    return lambda ops, forward, batch: model.shell(loss_fn, ops, forward, batch)

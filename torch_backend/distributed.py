@@ -38,6 +38,8 @@ class TorchWorld(World):
 
     def sum_gradients(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sum each gradient over the ranks in place, in one float32 all-reduce."""
+        if not grads:
+            return grads
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         self.all_reduce(flat)
         offset = 0

@@ -15,6 +15,7 @@ from mlxpost.backend import LoraConfig
 from mlxpost.backend_shared.heads import init_scalar_head
 from mlxpost.errors import UserError, first_line
 from mlxpost.model_dir import read_config
+from torch_backend import fsdp
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers' attention kernel per architecture, sdpa where not listed. Gemma-2 soft-caps its
@@ -37,6 +38,7 @@ class TorchModel:
     score: nn.Linear | None = None
     frozen: dict = field(default_factory=dict)  # role -> TorchModel (reference, teacher)
     logits_chunk: int | None = None  # rows of logits at once in losses (heads.logits_chunk_rows)
+    shell: nn.Module | None = None  # the root FSDP unit when sharded (--fsdp, fsdp.py)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -78,7 +80,6 @@ def set_grad_checkpoint(model: TorchModel, enabled: bool) -> None:
     transformers checkpoints a layer only while `layer.training`; the model stays in eval mode
     (its dropouts off), so only the layer modules themselves, not their children, are switched
     to training. Calls pass use_cache=False (logits, hidden_states), as checkpointing needs."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     module = model.module
     if enabled:
@@ -95,7 +96,7 @@ def set_grad_checkpoint(model: TorchModel, enabled: bool) -> None:
     else:
         disable = getattr(module, "activation_checkpointing_disable", None)
         (disable or module.gradient_checkpointing_disable)()
-    layers = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(module)
     if enabled and not layers:
         raise ValueError(f"{model.arch}: no transformer layers to checkpoint")
     for layer in layers:
@@ -214,5 +215,16 @@ def model_hidden_size(model: TorchModel) -> int:
 
 def to_numpy_params(params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """float32 numpy snapshots: copies, never views of the live CPU tensors (an optimizer
-    step must not change an array already returned)."""
-    return {n: p.detach().to("cpu", torch.float32, copy=True).numpy() for n, p in params.items()}
+    step must not change an array already returned). Sharded parameters are gathered: every
+    rank of a sharded model must call this."""
+    return {
+        n: fsdp.full(p.detach()).to("cpu", torch.float32, copy=True).numpy()
+        for n, p in params.items()
+    }
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a transformers causal LM, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]

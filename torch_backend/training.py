@@ -19,6 +19,7 @@ from mlxpost.backend_shared.training import (
     global_weights,
     learning_rate,
 )
+from torch_backend import fsdp
 
 
 class TorchOptimizer:
@@ -41,9 +42,9 @@ class TorchOptimizer:
         out: dict = {"step": self.step}
         for name, param in self.params.items():
             slot = self.adamw.state.get(param, {})
-            if slot:
-                out[f"m.{name}"] = slot["exp_avg"].detach().cpu().numpy()
-                out[f"v.{name}"] = slot["exp_avg_sq"].detach().cpu().numpy()
+            if slot:  # a sharded model's moments are gathered: every rank calls this
+                out[f"m.{name}"] = fsdp.full(slot["exp_avg"].detach()).cpu().numpy()
+                out[f"v.{name}"] = fsdp.full(slot["exp_avg_sq"].detach()).cpu().numpy()
         return out
 
     def load_state(self, state: dict) -> None:
@@ -51,20 +52,29 @@ class TorchOptimizer:
         for name, param in self.params.items():
             if f"m.{name}" not in state:
                 continue
-            self.adamw.state[param] = {
-                "step": torch.tensor(float(self.step)),
-                "exp_avg": torch.as_tensor(state[f"m.{name}"], device=param.device).clone(),
-                "exp_avg_sq": torch.as_tensor(state[f"v.{name}"], device=param.device).clone(),
+            moments = {
+                key: fsdp.like(torch.as_tensor(state[f"{slot}.{name}"]), param).clone()
+                for key, slot in (("exp_avg", "m"), ("exp_avg_sq", "v"))
             }
+            self.adamw.state[param] = {"step": torch.tensor(float(self.step)), **moments}
 
 
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Global L2 norm (float32); grads are scaled by max_norm / (norm + 1e-6) when above it."""
-    norm = torch.sqrt(sum(torch.sum(g.float() ** 2) for g in grads))
+    """Global L2 norm (float32); grads are scaled by max_norm / (norm + 1e-6) when above it.
+    A sharded model's gradients are shards: their squares are summed over the ranks."""
+    squares = sum(torch.sum(g.float() ** 2) for g in grads if not fsdp.is_sharded(g))
+    shards = [fsdp.local(g) for g in grads if fsdp.is_sharded(g)]
+    if shards:
+        summed = distributed.world().all_sum(
+            [float(sum(torch.sum(g.float() ** 2) for g in shards))]
+        )
+        squares = squares + torch.tensor(summed[0], dtype=torch.float32)
+    norm = torch.sqrt(torch.as_tensor(squares, dtype=torch.float32))
     if max_norm is not None:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for g in grads:
-            g.mul_(scale.to(g.dtype))
+            local = fsdp.local(g)
+            local.mul_(scale.to(local.device, local.dtype))
     return norm
 
 
@@ -95,6 +105,11 @@ def train_step(
 ) -> dict[str, float]:
     world = distributed.world()
     weights = global_weights(len(microbatches), weights, world)
+    if world.sharded:  # every rank runs as many passes: FSDP's collectives must pair up
+        most = max(world.all_gather(len(microbatches)))
+        padding = most - len(microbatches)
+        microbatches = [*microbatches, *[microbatches[-1]] * padding]
+        weights = [*weights, *[0.0] * padding]
     optimizer.adamw.zero_grad(set_to_none=True)
     loss, metrics = accumulate_grads(forward, ops, loss_fn, microbatches, weights, to_tensors)
     if world.size > 1:
@@ -113,10 +128,11 @@ def train_step(
 
 
 def sum_over_ranks(world, optimizer: TorchOptimizer, loss: float, metrics: dict):
-    """Every rank's weighted gradients, loss and metrics added up (the DDP all-reduce)."""
+    """Every rank's weighted gradients, loss and metrics added up (the DDP all-reduce); a
+    sharded model's shards are sums over the ranks already (FSDP's reduce-scatter)."""
     for p in optimizer.params.values():
         if p.grad is None:  # a parameter this rank's batch did not reach still takes part
             p.grad = torch.zeros_like(p)
-    world.sum_gradients([p.grad for p in optimizer.params.values()])
+    world.sum_gradients([p.grad for p in optimizer.params.values() if not fsdp.is_sharded(p)])
     summed = world.all_sum([loss, *metrics.values()])
     return float(summed[0]), dict(zip(metrics, map(float, summed[1:])))

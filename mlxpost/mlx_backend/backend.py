@@ -13,6 +13,7 @@ from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.backend_shared.forward import SharedForward
 from mlxpost.backend_shared.heads import logits_chunk_rows, model_chunk_rows
+from mlxpost.errors import UserError
 from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
 from mlxpost.mlx_backend.modeling import MLXModel
@@ -116,6 +117,10 @@ class MLXBackend:
         other.module.freeze()
         model.frozen[role] = other
         model.grad_functions.clear()
+
+    def shard_weights(self, model: MLXModel) -> None:
+        """Not on MLX: its data-parallel ranks each hold the whole model (mlxpost.distributed)."""
+        raise UserError("--fsdp is torch's FSDP: use --backend torch")
 
     def set_grad_checkpoint(self, model: MLXModel, enabled: bool) -> None:
         """Each transformer block runs through mx.checkpoint in training passes (models/)."""
