@@ -90,6 +90,18 @@ def test_grpo_without_kl_logging_skips_the_reference(tmp_path):
         assert abs(row["importance_ratio_max"] - 1) < 1e-3
 
 
+def test_full_fine_tuning_measures_the_kl_to_the_base_checkpoint(tmp_path):
+    """With --full there is no adapter to switch off: the reference is the base checkpoint.
+    Its KL is 0 before the first update and positive after it."""
+    pytest.importorskip("torch")
+    out = tmp_path / "grpo"
+    small = [*SMALL, "--eval-math", "0", "--learning-rate", "1e-3", "--warmup-steps", "0"]
+    result = run_cli("grpo", *small, "--full", "--kl-beta", "0.1", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = metrics_of(out)[-2:]
+    assert abs(first["kl"]) < 1e-6 and second["kl"] > 1e-4, (first["kl"], second["kl"])
+
+
 def test_ppo_runs_and_logs_critic_metrics(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "ppo"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -59,7 +60,11 @@ class RLConfig(TrainConfig):
         gt=0,
         le=1,
     )
-    kl_beta: float = option(0.0, "Weight of the KL to the reference (adapter off); 0: off.", ge=0)
+    kl_beta: float = option(
+        0.0,
+        "Weight of the KL to the reference (the adapter off; with --full the base checkpoint); 0: off.",
+        ge=0,
+    )
     kl_estimator: str = option("k3", "KL estimator (Schulman's k1, k2, k3).", ("k1", "k2", "k3"))
     ppo_epochs: int = option(1, "Optimisation passes over each batch of rollouts.", ge=1)
     mask_truncated: bool = option(
@@ -236,13 +241,22 @@ class Rollouts:
         return self.rewards.score(prompts, batch.texts, columns, self.session.say)
 
     def reference_logprobs(self, batch: RolloutBatch) -> np.ndarray:
-        """The reference (adapter off) logprobs of the rollout tokens, at the sampling temperature."""
-        backend, model = self.session.backend, self.session.model
-        with adapter_disabled(backend, model):
-            ref = backend.logprobs(
-                model, batch.input_ids, batch.attention_mask, self.cfg.temperature
-            )
+        """The reference's logprobs of the rollout tokens, at the sampling temperature: the
+        model with its adapter off, or with --full (no adapter to switch off) the base
+        checkpoint, loaded on first use."""
+        backend, model, cfg = self.session.backend, self.session.model, self.cfg
+        ids, mask = batch.input_ids, batch.attention_mask
+        if cfg.lora:
+            with adapter_disabled(backend, model):
+                ref = backend.logprobs(model, ids, mask, cfg.temperature)
+        else:
+            ref = backend.logprobs(self.base_model, ids, mask, cfg.temperature)
         return (ref * batch.loss_mask).astype(np.float32)
+
+    @cached_property
+    def base_model(self):
+        """The frozen base checkpoint: the reference of a full fine-tuning run."""
+        return self.session.backend.load_model(self.cfg.model, self.cfg.dtype)
 
     def summary(self, batch: RolloutBatch) -> dict[str, float]:
         samples = batch.samples
