@@ -144,7 +144,7 @@ class TrainConfig:
     )
     fsdp: bool = option(
         False,
-        "Full fine-tuning sharded over the ranks of a torchrun launch (torch's FSDP2): each rank holds its share of the weights, gradients and AdamW moments instead of all of them, for a model whose training state does not fit one device; the same numbers. Needs --full and --backend torch; sft, distill, rm and dpo (not grpo or ppo).",
+        "Full fine-tuning sharded over the ranks of a torchrun launch (torch's FSDP2): each rank holds its share of the weights, gradients and AdamW moments instead of all of them, for a model whose training state does not fit one device; the same numbers. Needs --full and --backend torch; every command but ppo.",
         flag="--fsdp/--no-fsdp",
     )
     logits_chunk: int | None = option(

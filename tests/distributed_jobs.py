@@ -98,6 +98,7 @@ class FixedRollouts:
         return self.batch["rewards"], {}
 
     reference_logprobs = Rollouts.reference_logprobs
+    base_model = Rollouts.base_model
     summary = Rollouts.summary
 
 
@@ -113,12 +114,17 @@ def update(backend_name: str, algorithm: str, options: dict, output: str) -> Non
         learning_rate=1.0,
         warmup_steps=0,
         steps=1,
+        model=assets.default_model(),
         **options,
     )
-    model = backend.load_model(assets.default_model(), "float32")
+    model = backend.load_model(cfg.model, "float32")
     if algorithm == "ppo":
         backend.attach_scalar_head(model, seed=0)
-    backend.attach_lora(model, cfg.lora_config(), seed=0)
+    if cfg.lora:
+        backend.attach_lora(model, cfg.lora_config(), seed=0)
+    world.sharded = bool(cfg.fsdp and world.size > 1)
+    if world.sharded:
+        backend.shard_weights(model)
     session = SimpleNamespace(
         cfg=cfg,
         backend=backend,
@@ -143,8 +149,8 @@ def update(backend_name: str, algorithm: str, options: dict, output: str) -> Non
         trainer.restored = True
     trainer.rollouts = FixedRollouts(session, cfg, batch)
     metrics = distributed.reduce_metrics(trainer.train_step(0))
+    params = backend.parameters(model, trainable_only=True)  # every rank: a sharded model's
     if world.is_main:
-        params = backend.parameters(model, trainable_only=True)
         np.savez(output, **params)
         with open(output + ".json", "w") as f:
             json.dump(metrics, f)

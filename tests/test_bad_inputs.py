@@ -1160,9 +1160,9 @@ TRAINING_CASES = [
         "--fsdp is torch's FSDP: use --backend torch, not mlx",
     ),
     Case(
-        "grpo-fsdp",
-        f"grpo --fsdp --full --backend torch {RUN}",
-        "--fsdp is not supported for rollout training (grpo, ppo)",
+        "ppo-fsdp",
+        f"ppo --fsdp --full --backend torch {RUN}",
+        "--fsdp is not supported for ppo (its critic is another trained model)",
     ),
     Case("sft-warmup-negative", f"sft --warmup-steps -1 {RUN}", "--warmup-steps must be >= 0"),
     Case(

@@ -102,6 +102,8 @@ UPDATES = [
     ("bnpo", "grpo", {"aggregation": "bnpo"}),
     ("dr-grpo-gspo", "grpo", {"aggregation": "dr_grpo", "importance": "sequence"}),
     ("ppo", "ppo", {"minibatches": 1, "ppo_epochs": 1, "target_kl": 0, "critic": "shared"}),
+    # sharded full fine-tuning: the KL to the base checkpoint, 2 microbatches on each rank
+    ("grpo-fsdp", "grpo", {"lora": False, "fsdp": True, "grad_accum": 2, "kl_beta": 0.04}),
 ]
 MLX_UPDATES = [UPDATES[1], UPDATES[4]]
 
@@ -181,6 +183,8 @@ def jobs(backend: str, root: Path, tag: str, updates, with_dpo: bool, with_grpo:
         out.append({"update": {**update, "output": str(root / f"{name}-{tag}.npz")}})
     if with_grpo:
         out.append({"cli": [*GRPO, "--backend", backend, "--output", str(root / f"grpo-{tag}")]})
+        sharded = [*GRPO, "--backend", backend, "--full", "--fsdp", "--kl-beta", "0.1"]
+        out.append({"cli": [*sharded, "--output", str(root / f"grpo-fsdp-{tag}")]})
     return json.dumps(out)
 
 
@@ -269,7 +273,7 @@ def test_torch_two_ranks_train_what_one_does(torch_runs, command):
             assert np.linalg.norm(a - b) <= TOLERANCE * np.linalg.norm(a), slot
         # and the 2-rank runs did shard (the 1-rank ones had nothing to shard)
         sharded = "fsdp: each of the 2 ranks holds its share of the weights"
-        assert (torch_runs / "stderr-2").read_text().count(sharded) == 3
+        assert (torch_runs / "stderr-2").read_text().count(sharded) == 4  # and grpo's
         assert (torch_runs / "stderr-1").read_text().count("--fsdp: one process") == 3
 
 
@@ -294,7 +298,19 @@ def test_torch_two_ranks_write_one_run_directory(torch_runs):
     checkpoints = sorted(os.listdir(torch_runs / "grpo-2" / "checkpoints"))
     assert checkpoints == ["step-1"]  # the last step is final/
     # Rank 0 alone prints the final JSON object of each command.
-    assert (torch_runs / "stdout-2").read_text().count('"command":') == 8
+    assert (torch_runs / "stdout-2").read_text().count('"command":') == 9
+
+
+def test_torch_sharded_grpo_samples_evaluates_and_trains_on_two_ranks(torch_runs):
+    """GRPO with --full --fsdp end to end: sampling and the held-out evaluation gather the
+    sharded model on every rank; the behaviour logprobs match the trainer's to rounding."""
+    rows = [json.loads(line) for line in (torch_runs / "grpo-fsdp-2" / "metrics.jsonl").open()]
+    steps = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    assert "math_accuracy" in rows[0] and "math_accuracy" in rows[-1]
+    assert all(row["logprob_gap"] < 1e-4 for row in steps)
+    assert steps[1]["kl"] > 0  # the reference is the base checkpoint, the policy has moved
+    assert (torch_runs / "grpo-fsdp-2" / "final" / "model.safetensors").is_file()
 
 
 def test_torch_run_resumes_on_another_number_of_ranks(torch_runs, tmp_path):

@@ -50,6 +50,10 @@ def shard(module: nn.Module, blocks: list[nn.Module]) -> Shell:
         # A plain sum over the ranks (see above); gloo has no pre-multiplied sum.
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
+    # FSDP takes the first unit run as its root: run the shell first, so that a pass without
+    # gradients (an evaluation, sampling) that calls a block first does not make it a root.
+    shell(lambda: None)
+    shell.reshard()
     return shell
 
 

@@ -151,6 +151,11 @@ class PPOConfig(RLConfig):
             raise UserError("--rewards none needs --reward-model: nothing would score")
         if self.critic == "reward_model" and not self.reward_model:
             raise UserError("--critic reward_model needs --reward-model")
+        if self.fsdp:
+            raise UserError(
+                "--fsdp is not supported for ppo (its critic is another trained model); run it "
+                "data-parallel without --fsdp"
+            )
 
 
 # ---- the math ----

@@ -91,11 +91,6 @@ class RLConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         parse_weights(self.rewards, self.reward_weights)  # before any model is loaded
-        if self.fsdp:
-            raise UserError(
-                "--fsdp is not supported for rollout training (grpo, ppo); run it "
-                "data-parallel without --fsdp"
-            )
         if self.importance_floor is not None and self.importance_floor >= self.importance_cap:
             raise UserError(
                 f"--importance-floor ({self.importance_floor}) must be below --importance-cap "
