@@ -170,7 +170,6 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     target = os.path.join(run.path, "final") if final else run.checkpoint_dir(step)
     trainable = backend.parameters(model, trainable_only=True)
     optimizer = backend.optimizer_state(session.optimizer)
-    weights = None if session.cfg.lora else backend.parameters(model)  # what export writes
     moments = {k: v for k, v in optimizer.items() if k != "step"}
     bad = next((k for k, v in {**trainable, **moments}.items() if not np.all(np.isfinite(v))), None)
     if bad is not None:
@@ -185,7 +184,7 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     try:
         save_arrays(os.path.join(staging, "trainable.npz"), trainable)
         save_arrays(os.path.join(staging, "optimizer.npz"), moments)
-        export_model(session, staging, weights)
+        export_model(session, staging, trainable)
         algorithm.export(staging)
         run.commit_checkpoint(staging, target, {"step": step, "optimizer_step": optimizer["step"]})
     except BaseException:  # a cut-short checkpoint leaves no staging directory behind
@@ -194,14 +193,15 @@ def save_checkpoint(session: Session, algorithm: Algorithm, step: int, final: bo
     return target
 
 
-def export_model(session: Session, directory: str, weights: dict | None) -> None:
-    """What users load: a PEFT adapter (LoRA) or a Hugging Face checkpoint (full: `weights`,
-    every parameter), with tokenizer."""
+def export_model(session: Session, directory: str, trainable: dict) -> None:
+    """What users load: a PEFT adapter (LoRA) or a Hugging Face checkpoint (full: the
+    `trainable` parameters, which then are all of them; read once by every rank, so a sharded
+    model is gathered once), with tokenizer."""
     backend, model, cfg = session.backend, session.model, session.cfg
     if cfg.lora:
         backend.save_adapter(model, directory)
         return
-    weights = {k: v for k, v in weights.items() if not k.startswith("score.")}
+    weights = {k: v for k, v in trainable.items() if not k.startswith("score.")}
     save_file(weights, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(cfg.model, "config.json"), directory)
     for name in TOKENIZER_FILES:
