@@ -4,8 +4,8 @@ The decode loop keeps the device busy and the host out of the way: each step's g
 handed to MLX with `mx.async_eval` (the host builds the next step while this one runs), the
 token choice is one compiled function, the host reads the finished flags only every
 `sync_every` tokens, and rows that finished are then retired (the batch compacts) once they are
-at least a quarter of it. Tokens are drawn as `mx.random.categorical` draws them (argmax of the
-logits plus Gumbel noise of the step's key) from noise drawn for every original row, so the
+at least a quarter of it. Tokens are drawn by inverse transform sampling from one uniform
+number per original row and step (not `mx.random.categorical`'s N x V Gumbel noise), so the
 samples do not depend on when rows are retired.
 """
 
@@ -43,26 +43,41 @@ def filter_logits(scaled: mx.array, top_k: int, top_p: float) -> mx.array:
     return scaled
 
 
-def choose(logits: mx.array, cfg: SamplingConfig, noise: mx.array | None):
+def choose(logits: mx.array, cfg: SamplingConfig, uniform: mx.array | None):
     """Next tokens (N,) and their behaviour logprobs under log_softmax(logits / T).
 
-    noise: (N, V) Gumbel draws; argmax(filtered logits + noise) is `mx.random.categorical`'s
-    draw from the same noise, so a row's token depends only on its own noise row."""
+    uniform: (N,) draws from [0, 1), one per row. A row's token is where its draw falls in the
+    cumulative distribution of its (filtered) probabilities (inverse transform sampling), as in
+    the torch sampler, so it depends only on that row's draw."""
     logits = logits.astype(mx.float32)
+    scaled = logits / cfg.temperature if cfg.temperature not in (0, 1) else logits
+    logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
     if cfg.temperature == 0:
         token = mx.argmax(logits, axis=-1)
-        scaled = logits
     else:
-        scaled = logits / cfg.temperature
-        token = mx.argmax(filter_logits(scaled, cfg.top_k, cfg.top_p) + noise, axis=-1)
-    logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        if cfg.top_k > 0 or cfg.top_p < 1.0:
+            probs = mx.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
+        else:
+            probs = mx.exp(logp)
+        token = inverse_cdf(probs, uniform)
     token = token.astype(mx.int32)
     return token, mx.take_along_axis(logp, token[:, None], -1)[:, 0]
 
 
+def inverse_cdf(probs: mx.array, uniform: mx.array) -> mx.array:
+    """The first token whose cumulative probability exceeds uniform x the row's total (the
+    count of tokens whose cumulative probability does not). Scaling by the computed total keeps
+    rounding in the sum from leaving the draw past the end; a token of probability 0 adds
+    nothing to the sum, so it is never the first to pass."""
+    cdf = mx.cumsum(probs, axis=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    token = (cdf <= target).astype(mx.int32).sum(axis=-1)
+    return mx.minimum(token, probs.shape[-1] - 1)
+
+
 def chooser(cfg: SamplingConfig):
     """choose() for this config, compiled once per batch shape."""
-    return mx.compile(lambda logits, noise: choose(logits, cfg, noise))
+    return mx.compile(lambda logits, uniform: choose(logits, cfg, uniform))
 
 
 def sample(
@@ -101,14 +116,14 @@ def sample(
     rows = np.arange(total)  # the original row of each batch row (the host decides retirements)
     done = mx.zeros((total,), dtype=mx.bool_)
     steps = []  # (rows, token, logp, live) per step, over the rows then in the batch
-    noise = None
+    uniform = None
     for step in range(budget):
         key, step_key = mx.random.split(key)
-        if cfg.temperature > 0:  # noise for every original row: retiring rows keeps the stream
-            noise = mx.random.gumbel((total, logits.shape[-1]), key=step_key)
+        if cfg.temperature > 0:  # a draw for every original row: retiring rows keeps the stream
+            uniform = mx.random.uniform(shape=(total,), key=step_key)
             if rows.shape[0] < total:
-                noise = noise[mx.array(rows)]
-        token, logp = pick(logits, noise)
+                uniform = uniform[mx.array(rows)]
+        token, logp = pick(logits, uniform)
         token = mx.where(done, pad_id, token)
         steps.append((rows, token, logp, mx.logical_not(done)))
         done = mx.logical_or(done, (token[:, None] == eos[None, :]).any(axis=-1))
