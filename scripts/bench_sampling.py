@@ -7,8 +7,8 @@ stopping early), it times on each chosen backend:
 * torch: ``Backend.sample`` against transformers' ``generate`` (do_sample, min_new_tokens =
   max_new_tokens, num_return_sequences = samples, the same prompts);
 * mlx: ``Backend.sample`` against mlx-lm's ``batch_generate`` (each prompt repeated
-  ``--samples`` times, EOS switched off; mlx-lm loads Llama-like checkpoints, not
-  transformers 5's GPT-2 layout).
+  ``--samples`` times, EOS switched off; a GPT-2 checkpoint is given to mlx-lm as a converted
+  copy with the same weights, as scripts/bench_peers.py does).
 
 Each call runs once untimed, then ``--repeats`` times timed; tokens/s = generated tokens /
 median seconds, the prompt prefill included. Ratios are only meaningful within one run on one
@@ -69,6 +69,19 @@ def bench_torch(model_dir: str, prompts: list[list[int]], samples: int, tokens: 
     return {"mlxpost": ours, "transformers generate": timed(generate, repeats)}
 
 
+def mlx_lm_copy(model_dir: str) -> str:
+    """model_dir itself, or for GPT-2 a converted copy (same weights) in a temporary folder:
+    mlx-lm reads GPT-2 only in the original key layout with n_ctx in config.json."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        if json.load(f).get("model_type") != "gpt2":
+            return model_dir
+    import tempfile
+
+    from peer_bench.prepare import convert_for_mlx_lm  # scripts/ is on sys.path
+
+    return convert_for_mlx_lm(model_dir, tempfile.mkdtemp(prefix="mlx-lm-gpt2-"))
+
+
 def bench_mlx(model_dir: str, prompts: list[list[int]], samples: int, tokens: int, repeats: int):
     import importlib
 
@@ -82,7 +95,7 @@ def bench_mlx(model_dir: str, prompts: list[list[int]], samples: int, tokens: in
     cfg = SamplingConfig(max_new_tokens=tokens, temperature=1.0, n=samples)
     ours = timed(lambda: backend.sample(model, prompts, cfg, [NEVER_EOS], PAD_ID, 0), repeats)
     generate = importlib.import_module("mlx_lm.generate")  # the module, not the function
-    lm, tokenizer = load(model_dir)
+    lm, tokenizer = load(mlx_lm_copy(model_dir))
     tokenizer._eos_token_ids = set()  # every row generates `tokens` tokens, as ours do
     rows = [p for p in prompts for _ in range(samples)]
     sampler = make_sampler(temp=1.0)
