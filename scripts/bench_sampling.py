@@ -14,6 +14,20 @@ Each call runs once untimed, then ``--repeats`` times timed; tokens/s = generate
 median seconds, the prompt prefill included. Ratios are only meaningful within one run on one
 machine: print the load with them.
 
+Speed of light (``--no-speed-of-light`` skips it), for the same shape, from two figures
+measured in the same run and the checkpoint's sizes:
+
+* compute: FLOPs per generated token = 2 N + 4 L S_kv d_kv, with N the weights a token is
+  multiplied with (every 2-D weight but the embedding tables, plus the head: the tied table
+  counts once as the head), L layers, d_kv = key/value heads x head dim, S_kv the mean number
+  of cache slots a query reads (prompt + (new + 1) / 2); over the framework's best float32
+  ``--matmul-size`` square matmul (FLOP/s);
+* memory: bytes a decode step must read = the weights once (4 N, float32) + every row's
+  keys and values (2 L S_kv d_kv x 4); over the best read bandwidth of a 256 MiB float32 sum;
+* a step takes at least the larger of the two, so the speed of light in tokens/s is
+  rows / max(compute seconds, memory seconds) (rows = prompts x samples). The prefill and
+  the sampling arithmetic are left out, which only makes it higher.
+
     python scripts/bench_sampling.py --model DIR --backends torch --prompts 8 --samples 8 --new-tokens 128
 """
 
@@ -28,6 +42,7 @@ import time
 import numpy as np
 
 NEVER_EOS = -1
+PROMPT_TOKENS = 16
 PAD_ID = 0
 
 
@@ -106,6 +121,96 @@ def bench_mlx(model_dir: str, prompts: list[list[int]], samples: int, tokens: in
     return {"mlxpost": ours, "mlx-lm batch_generate": theirs}
 
 
+def model_cost(model_dir: str) -> dict:
+    """Matmul weights N, layers, key/value width and vocabulary of a checkpoint, read from its
+    config.json and the tensor shapes in model.safetensors."""
+    from safetensors import safe_open
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    config = config.get("text_config", config)
+
+    def first(*keys):
+        return next(config[k] for k in keys if config.get(k) is not None)
+
+    layers = first("num_hidden_layers", "n_layer")
+    heads = first("num_attention_heads", "n_head")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or first("hidden_size", "n_embd") // heads
+    matmul, table, head = 0, 0, False
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            if len(shape) != 2:
+                continue
+            if any(part in name for part in ("wte", "wpe", "embed")):
+                if "wpe" not in name and "embed_positions" not in name:
+                    table = shape[0] * shape[1]  # the token table: the head when tied
+                continue
+            head = head or name.endswith("lm_head.weight")
+            matmul += shape[0] * shape[1]
+    return {
+        "matmul_weights": matmul + (0 if head else table),
+        "layers": layers,
+        "kv_width": kv_heads * head_dim,
+    }
+
+
+def peak_matmul(framework: str, size: int = 1024, repeats: int = 10) -> float:
+    """Best float32 size x size matmul FLOP/s of one framework."""
+    if framework == "torch":
+        import torch
+
+        a, b = torch.randn(size, size), torch.randn(size, size)
+
+        def run():
+            torch.mm(a, b)
+    else:
+        import mlx.core as mx
+
+        a, b = mx.random.normal((size, size)), mx.random.normal((size, size))
+        mx.eval(a, b)
+
+        def run():
+            mx.eval(a @ b)
+
+    run()
+    best = min(timed_once(run) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a float32 sum over `mib` MiB (each element read once)."""
+    import torch
+
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    return x.numel() * 4 / min(timed_once(x.sum) for _ in range(repeats))
+
+
+def timed_once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def speed_of_light(cost: dict, prompt: int, rows: int, tokens: int, flops: float, bw: float):
+    """The figures of the module docstring's speed of light, for one framework."""
+    slots = prompt + (tokens + 1) / 2  # mean cache slots a decode query reads
+    kv = 2 * cost["layers"] * slots * cost["kv_width"]  # keys and values per row per step
+    flops_per_token = 2 * cost["matmul_weights"] + 2 * kv
+    compute = rows * flops_per_token / flops
+    memory = (4 * cost["matmul_weights"] + rows * 4 * kv) / bw
+    return {
+        "flops_per_token": flops_per_token,
+        "matmul_flops": flops,
+        "read_bytes_per_second": bw,
+        "step_compute_seconds": compute,
+        "step_memory_seconds": memory,
+        "tokens_per_second": rows / max(compute, memory),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory")
@@ -116,11 +221,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--no-speed-of-light", dest="light", action="store_false", help="skip the bound"
+    )
     args = parser.parse_args(argv)
     with open(os.path.join(args.model, "config.json")) as f:
         vocab = int(json.load(f)["vocab_size"])
     rng = np.random.default_rng(args.seed)
-    prompts = [[int(t) for t in rng.integers(2, vocab, 16)] for _ in range(args.prompts)]
+    prompts = [[int(t) for t in rng.integers(2, vocab, PROMPT_TOKENS)] for _ in range(args.prompts)]
     generated = args.prompts * args.samples * args.new_tokens
     runners = {"torch": bench_torch, "mlx": bench_mlx}
     report = {
@@ -136,6 +244,20 @@ def main(argv=None) -> dict:
         report["tokens_per_second"][name] = rates
         (peer,) = [tool for tool in rates if tool != "mlxpost"]
         report["ratio"][name] = rates["mlxpost"] / rates[peer]
+    if args.light:
+        cost = model_cost(args.model)
+        bandwidth = read_bandwidth()
+        rows = args.prompts * args.samples
+        report["speed_of_light"] = {
+            name: speed_of_light(
+                cost, PROMPT_TOKENS, rows, args.new_tokens, peak_matmul(name), bandwidth
+            )
+            for name in report["tokens_per_second"]
+        }
+        for name, bound in report["speed_of_light"].items():
+            bound["mlxpost_share"] = (
+                report["tokens_per_second"][name]["mlxpost"] / bound["tokens_per_second"]
+            )
     if args.json:
         print(json.dumps(report))
     else:
@@ -143,6 +265,16 @@ def main(argv=None) -> dict:
         for name, rates in report["tokens_per_second"].items():
             cells = ", ".join(f"{tool} {rate:,.0f} tokens/s" for tool, rate in rates.items())
             print(f"{name}: {cells}; mlxpost {report['ratio'][name]:.2f}x")
+        for name, bound in report.get("speed_of_light", {}).items():
+            print(
+                f"{name} speed of light: {bound['flops_per_token'] / 1e6:.1f} MFLOP/token, "
+                f"matmul {bound['matmul_flops'] / 1e9:.0f} GFLOP/s, read "
+                f"{bound['read_bytes_per_second'] / 1e9:.1f} GB/s; a step needs "
+                f"{bound['step_compute_seconds'] * 1e3:.2f} ms of compute, "
+                f"{bound['step_memory_seconds'] * 1e3:.2f} ms of reads: "
+                f"{bound['tokens_per_second']:,.0f} tokens/s; mlxpost reaches "
+                f"{100 * bound['mlxpost_share']:.0f}%"
+            )
     return report
 
 
