@@ -325,28 +325,27 @@ def test_sampling_is_seeded_and_stops_at_eos(backends, checkpoint):
 @pytest.mark.parametrize(
     "cfg",
     [
-        SamplingConfig(max_new_tokens=1, temperature=0.05, n=4000),
+        SamplingConfig(max_new_tokens=1, temperature=0.5, n=4000),
         SamplingConfig(max_new_tokens=1, temperature=1.0, top_k=4, n=4000),
     ],
-    ids=["low-temperature", "top-k"],
+    ids=["temperature", "top-k"],
 )
 def test_first_tokens_follow_the_sampling_distribution(backends, checkpoint, cfg):
     """Counts of the first sampled token against its probability. Each sampled token's
     behaviour logprob gives its unfiltered probability p; under top-k the sampler draws from p
-    renormalised over the k tokens. Every count must lie within 5 binomial standard errors
-    (+ 1 count) of n x the expected share, and the tokens seen must carry (nearly) all the mass."""
+    renormalised over the k tokens. Every token seen must have been drawn within 5 binomial
+    standard errors (+ 1 count) of n x its probability. (At temperature 0.5 the tiny models
+    spread the draws over 60-320 tokens, none above 90% of them.)"""
     for backend in backends:
         model = backend.load_model(checkpoint)
         samples = backend.sample(model, prompts_for(model, (6,)), cfg, [-1], 0, seed=3)
-        tokens, counts = np.unique(samples.completion_ids[:, 0], return_counts=True)
-        p = np.array(
-            [np.exp(samples.logprobs[samples.completion_ids[:, 0] == t, 0][0]) for t in tokens]
-        )
+        first = samples.completion_ids[:, 0]
+        tokens, counts = np.unique(first, return_counts=True)
+        p = np.array([np.exp(samples.logprobs[first == t, 0][0]) for t in tokens])
         if cfg.top_k:
             assert len(tokens) <= cfg.top_k, f"{backend.name}: sampled outside the top-k"
             p = p / p.sum()
-        else:
-            assert p.sum() > 0.99, f"{backend.name}: the tokens seen hold only {p.sum():.3f}"
+        assert len(tokens) > 1, f"{backend.name}: one token only, nothing to compare"
         expected = cfg.n * p
         bound = 5 * np.sqrt(cfg.n * p * (1 - p)) + 1
         assert (np.abs(counts - expected) <= bound).all(), (
