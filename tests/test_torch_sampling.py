@@ -52,3 +52,25 @@ def test_retiring_finished_rows_changes_no_sample(tiny_dir, arch):
     trainer = backend.logprobs(model, ids, mask, 1.0)[:, first.prompt_ids.shape[1] :]
     gap = np.abs(trainer - first.logprobs) * first.completion_mask
     assert gap.max() < 1e-4, gap.max()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2", "llama"])
+def test_blocked_head_gives_the_head_logits(tiny_dir, arch):
+    """The decode head in vocabulary blocks (soft-capped after, on Gemma-2) gives lm_logits'
+    numbers to float32 rounding. The tiny vocabularies fit one default block, so a block of
+    100 rows (an uneven last block) is asked for."""
+    import torch
+
+    from torch_backend import sampling
+    from torch_backend.modeling import lm_logits
+
+    backend = get_backend("torch")
+    model = backend.load_model(str(tiny_dir / f"tiny-{arch}"))
+    hidden = torch.randn(
+        5, model.module.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        whole = lm_logits(model, hidden)
+        blocked = sampling.head_logits(model, hidden, 100)
+    assert blocked.shape == whole.shape
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)

@@ -202,11 +202,13 @@ def lm_logits(model: TorchModel, hidden: torch.Tensor) -> torch.Tensor:
     """(..., H) final hidden states -> (..., V) logits in the model dtype. Gemma-2 and -3 cap
     their logits after the head, as their forward does (transformers' config, not
     config.json: Gemma-2's default cap applies when config.json leaves it out)."""
-    logits = model.module.lm_head(hidden)
+    return soft_cap(model, model.module.lm_head(hidden))
+
+
+def soft_cap(model: TorchModel, logits: torch.Tensor) -> torch.Tensor:
+    """The model's final logit soft-capping (Gemma-2, -3), or the logits unchanged."""
     cap = getattr(model.module.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def attach_scalar_head(model: TorchModel, seed: int) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
-from torch_backend.modeling import TORCH_DTYPES, TorchModel, lm_logits, positions
+from torch_backend.modeling import TORCH_DTYPES, TorchModel, lm_logits, positions, soft_cap
 
 SYNC_EVERY = 8  # tokens between host reads of the finished flags
 RETIRE_SHARE = 0.25  # compact the batch once this share of its rows has finished
@@ -205,8 +205,9 @@ def eager_attention(model: TorchModel) -> Iterator[None]:
 def head_logits(model: TorchModel, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
     """lm_logits of (N, H) hidden states, the head's vocabulary rows taken `chunk` at a time on
     CPU, as a plain nn.Linear head allows: each output element is the same dot product, but a
-    block of the weight stays in cache while all N rows use it (a 64-row step of a 50k x 768
-    head took 55 ms in one matmul and ~40 ms in blocks of 2048, measured on a 2-core machine)."""
+    block of the weight stays in cache while all N rows use it (a 64-row decode step of a
+    50k x 768 head took 55-60 ms in one matmul and about 36 ms in blocks of 2048, measured on a
+    2-core machine)."""
     head = model.module.lm_head
     vocab = head.weight.shape[0] if isinstance(head, torch.nn.Linear) else 0
     if chunk <= 0 or vocab <= chunk or hidden.device.type != "cpu":
@@ -216,8 +217,7 @@ def head_logits(model: TorchModel, hidden: torch.Tensor, chunk: int) -> torch.Te
         rows = slice(first, first + chunk)
         bias = None if head.bias is None else head.bias[rows]
         out[:, rows] = torch.nn.functional.linear(hidden, head.weight[rows], bias)
-    cap = getattr(model.module.config, "final_logit_softcapping", None)
-    return torch.tanh(out / cap) * cap if cap else out
+    return soft_cap(model, out)
 
 
 def forward_hidden(model: TorchModel, ids, masks, position_ids, cache: DecodeCache, first: int):
@@ -268,7 +268,7 @@ def decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_ev
     cache = DecodeCache(width + budget, cache_keyword(model.module.base_model))
     masks = DecodeMasks(model, mask, width + budget)
     hidden = forward_hidden(model, ids, masks.build(0, width), positions(mask), cache, 0)
-    logits = lm_logits(model, hidden[:, -1])  # (B, V): never (B, P, V) for the prompt
+    logits = head_logits(model, hidden[:, -1], HEAD_CHUNK)  # (B, V): never (B, P, V)
     position = positions(mask)[:, -1] + 1  # (B,)
     if cfg.n > 1:  # every sample of a prompt reuses that prompt's prefill
         repeat = torch.arange(ids.shape[0], device=device).repeat_interleave(cfg.n)
