@@ -122,8 +122,10 @@ def bench_mlx(model_dir: str, prompts: list[list[int]], samples: int, tokens: in
 
 
 def model_cost(model_dir: str) -> dict:
-    """Matmul weights N, layers, key/value width and vocabulary of a checkpoint, read from its
-    config.json and the tensor shapes in model.safetensors."""
+    """Matmul weights N, layers and key/value width of a checkpoint, read from its config.json
+    and the tensor shapes in its safetensors files (one or several shards)."""
+    import glob
+
     from safetensors import safe_open
 
     with open(os.path.join(model_dir, "config.json")) as f:
@@ -138,17 +140,19 @@ def model_cost(model_dir: str) -> dict:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or first("hidden_size", "n_embd") // heads
     matmul, table, head = 0, 0, False
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
-        for name in f.keys():
-            shape = f.get_slice(name).get_shape()
-            if len(shape) != 2:
-                continue
-            if any(part in name for part in ("wte", "wpe", "embed")):
-                if "wpe" not in name and "embed_positions" not in name:
-                    table = shape[0] * shape[1]  # the token table: the head when tied
-                continue
-            head = head or name.endswith("lm_head.weight")
-            matmul += shape[0] * shape[1]
+    shapes = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(path, "np") as f:
+            shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})
+    for name, shape in shapes.items():
+        if len(shape) != 2:
+            continue
+        if any(part in name for part in ("wte", "wpe", "embed")):
+            if "wpe" not in name and "embed_positions" not in name:
+                table = shape[0] * shape[1]  # the token table: the head when tied
+            continue
+        head = head or name.endswith("lm_head.weight")
+        matmul += shape[0] * shape[1]
     return {
         "matmul_weights": matmul + (0 if head else table),
         "layers": layers,
