@@ -15,7 +15,7 @@ from mlxpost.backend_shared.forward import SharedForward
 from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.backend_shared.training import process_peak_memory_gb
 from mlxpost.functional import head_terms
-from torch_backend import checkpoint_io, fsdp, lora, modeling, sampling, training
+from torch_backend import allocator, checkpoint_io, fsdp, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
 from torch_backend.ops import TorchOps
 
@@ -69,6 +69,8 @@ class TorchBackend:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         self.ops = TorchOps(self.device)
+        if self.device.type == "cpu":
+            allocator.keep_freed_memory()
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
