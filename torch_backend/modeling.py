@@ -13,6 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from mlxpost.backend import LoraConfig
 from mlxpost.backend_shared.heads import init_scalar_head
+from mlxpost.backend_shared.unpad import unpad_plan
 from mlxpost.errors import UserError, first_line
 from mlxpost.model_dir import read_config
 from torch_backend import fsdp
@@ -189,13 +190,29 @@ def logits(
 def hidden_states(
     model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
+    """Final hidden states (B, T, H), after the final norm. A batch that is mostly padding
+    runs its trunk packed (backend_shared/unpad.py), its padding positions' states 0."""
+    plan = unpad_plan(attention_mask.cpu().numpy())
+    if plan is None:
+        return trunk(model, input_ids, attention_mask)
+    device = input_ids.device
+    flat_ids = torch.cat([input_ids.reshape(-1), input_ids.new_zeros(1)])
+    packed_ids = flat_ids[torch.as_tensor(plan.gather, device=device)]
+    hidden = trunk(model, packed_ids, torch.as_tensor(plan.segments, device=device))
+    flat = torch.cat([hidden.reshape(-1, hidden.shape[-1]), hidden.new_zeros(1, hidden.shape[-1])])
+    restored = flat.index_select(0, torch.as_tensor(plan.restore, device=device))
+    return restored.view(*input_ids.shape, hidden.shape[-1])
+
+
+def trunk(model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The transformers base model's final hidden states (B, T, H) for these rows as laid out."""
     out = model.module.base_model(
         input_ids=input_ids,
         attention_mask=model_mask(model, attention_mask),
         position_ids=positions(attention_mask),
         use_cache=False,
     )
-    return out.last_hidden_state  # (B, T, H), after the final norm
+    return out.last_hidden_state
 
 
 def lm_logits(model: TorchModel, hidden: torch.Tensor) -> torch.Tensor:

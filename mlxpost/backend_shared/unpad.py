@@ -1,0 +1,73 @@
+"""Running a padded batch's transformer trunk without its padding.
+
+A rollout batch is laid out as (left-padded prompt, right-padded completion): its width is the
+longest prompt plus the longest completion, and on the bundled model's GRPO steps about half of
+its positions were padding. The trunk's cost is per position, padding or not, so
+`unpad_plan` lays each row's real tokens end to end into packed rows as long as the longest
+row (first-fit decreasing, as --pack does), each row one segment of the packed mask. The trunk
+runs on the packed rows, with the packed-row masks and positions that keep every row's
+attention to itself, and its hidden states go back to the original (B, T) layout, padding
+positions 0.
+
+A real token sees the same keys at the same positions either way: a key is seen only if real,
+positions count a row's real tokens, and a row's real tokens are contiguous (checked; a
+sliding window measures slots, which are then the same distances). Only the rounding of the
+matmuls' different shapes differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlxpost.data.tokenize import pack_lengths
+
+MIN_SAVING = 0.2  # pack only when it drops at least this share of the positions
+
+
+@dataclass
+class UnpadPlan:
+    gather: np.ndarray  # (R, L) int64: flat index into the (B * T) tokens, B * T for a filler
+    segments: np.ndarray  # (R, L) int64: the packed mask, segment ids 1.. (0 for filler)
+    restore: np.ndarray  # (B * T,) int64: flat index into the (R * L) packed states, R * L
+    # (one past the end: a zero row the caller appends) for a padding position
+
+
+def unpad_plan(attention_mask: np.ndarray, min_saving: float = MIN_SAVING) -> UnpadPlan | None:
+    """How to pack a (B, T) 0/1 mask's rows, or None when packing would save less than
+    `min_saving` of the positions, the mask is already packed (segment ids above 1), or a row's
+    real tokens are not contiguous."""
+    mask = np.asarray(attention_mask)
+    if mask.ndim != 2 or mask.shape[0] < 2 or mask.size == 0 or mask.max() > 1:
+        return None
+    batch, width = mask.shape
+    real = mask > 0
+    lengths = real.sum(axis=1)
+    capacity = int(lengths.max())
+    if capacity == 0:
+        return None
+    starts = np.argmax(real, axis=1)
+    ends = width - np.argmax(real[:, ::-1], axis=1)  # one past each row's last real token
+    if np.any((ends - starts != lengths) & (lengths > 0)):
+        return None  # a row with a gap between real tokens
+    rows = pack_lengths(lengths, capacity)
+    if len(rows) * capacity > (1.0 - min_saving) * batch * width:
+        return None
+    gather = np.full((len(rows), capacity), batch * width, dtype=np.int64)
+    segments = np.zeros((len(rows), capacity), dtype=np.int64)
+    restore = np.full(batch * width, len(rows) * capacity, dtype=np.int64)
+    for packed, members in enumerate(rows):
+        offset, segment = packed * capacity, 0
+        for row in members:
+            count = int(lengths[row])
+            if count == 0:
+                continue
+            segment += 1
+            source = row * width + starts[row] + np.arange(count)
+            target = offset + np.arange(count)
+            gather.reshape(-1)[target] = source
+            segments.reshape(-1)[target] = segment
+            restore[source] = target
+            offset += count
+    return UnpadPlan(gather, segments, restore)
