@@ -41,7 +41,18 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.float()))) * self.scale
+        low = self.lora_A(self.lora_dropout(x.float()))  # (..., r)
+        if y.dtype == torch.float32:
+            # y + scale * (low @ B^T) as one addmm: the (tokens x out) update and its scaled
+            # copy are never tensors of their own (the same sum to float32 rounding).
+            flat = torch.addmm(
+                y.reshape(-1, y.shape[-1]),
+                low.reshape(-1, low.shape[-1]),
+                self.lora_B.weight.t(),
+                alpha=self.scale,
+            )
+            return flat.view(y.shape)
+        update = self.lora_B(low) * self.scale
         return y + update.to(y.dtype)
 
     def merged_weight(self) -> torch.Tensor:
