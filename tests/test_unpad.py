@@ -97,3 +97,46 @@ def test_torch_hidden_states_packed_equal_padded(tiny_dir, arch):
     grad_scale = padded_grad.abs().max()
     assert grad_scale > 0
     assert torch.allclose(packed_grad, padded_grad, rtol=0, atol=2e-6 * grad_scale)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
+def test_mlx_hidden_states_packed_equal_padded(tiny_dir, arch):
+    """The same check on MLX, where the plan comes with the batch (MLXForward.bind): the packed
+    trunk's states and a loss's gradients against the padded trunk's."""
+    mx = pytest.importorskip("mlx.core")
+    import mlx.nn as nn
+
+    from mlxpost.mlx_backend import modeling
+    from mlxpost.mlx_backend.backend import MLXBackend, MLXForward
+
+    backend = MLXBackend()
+    model = backend.load_model(str(tiny_dir / f"tiny-{arch}"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 200, size=ROLLOUT_MASK.shape) * ROLLOUT_MASK
+    batch = backend.batch_to_arrays({"input_ids": ids, "attention_mask": ROLLOUT_MASK})
+    forward = MLXForward(model)
+    batch = forward.bind(batch)
+    plan = forward.plan(batch["attention_mask"])
+    assert plan is not None and "unpad_gather" not in batch
+    real = mx.array(ROLLOUT_MASK > 0)[..., None]
+    weights = mx.linspace(-1, 1, modeling.model_hidden_size(model))
+
+    def run(packed: bool):
+        def loss(_):
+            hidden = modeling.hidden_states(
+                model, batch["input_ids"], batch["attention_mask"], plan if packed else None
+            )
+            return (mx.where(real, hidden, 0) * weights).sum(), hidden
+
+        (_, hidden), grads = nn.value_and_grad(model.module, loss)(None)
+        grad = next(g for _, g in nn.utils.tree_flatten(grads) if g.ndim == 2 and mx.any(g != 0))
+        return np.array(hidden), np.array(grad)
+
+    packed, packed_grad = run(True)
+    padded, padded_grad = run(False)
+    mask = ROLLOUT_MASK > 0
+    assert np.count_nonzero(packed[~mask]) == 0
+    scale = np.abs(padded[mask]).max()
+    np.testing.assert_allclose(packed[mask], padded[mask], rtol=0, atol=2e-6 * scale)
+    grad_scale = np.abs(padded_grad).max()
+    np.testing.assert_allclose(packed_grad, padded_grad, rtol=0, atol=2e-6 * grad_scale)

@@ -71,3 +71,16 @@ def unpad_plan(attention_mask: np.ndarray, min_saving: float = MIN_SAVING) -> Un
             restore[source] = target
             offset += count
     return UnpadPlan(gather, segments, restore)
+
+
+PLAN_KEYS = ("unpad_gather", "unpad_segments", "unpad_restore")
+
+
+def plan_arrays(batch: dict) -> dict[str, np.ndarray]:
+    """The plan for a batch's attention mask as extra batch arrays (PLAN_KEYS), for a backend
+    whose training step is traced and so cannot read the mask on the host; {} when no plan."""
+    mask = batch.get("attention_mask")
+    plan = unpad_plan(mask) if isinstance(mask, np.ndarray) else None
+    if plan is None:
+        return {}
+    return dict(zip(PLAN_KEYS, (plan.gather, plan.segments, plan.restore)))

@@ -13,6 +13,7 @@ from mlxpost import adapters
 from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.backend_shared.forward import SharedForward
 from mlxpost.backend_shared.heads import logits_chunk_rows, model_chunk_rows
+from mlxpost.backend_shared.unpad import PLAN_KEYS, plan_arrays
 from mlxpost.errors import UserError
 from mlxpost.functional import head_terms
 from mlxpost.mlx_backend import checkpoint_io, lora, modeling, sampling, training
@@ -22,22 +23,49 @@ from mlxpost.mlx_backend.ops import MLXOps
 
 
 class MLXForward(SharedForward):
-    """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
+    """The differentiable view a loss function receives (mlxpost.backend.Forward).
+
+    A training step is traced (mx.compile), so the trunk cannot read a mask on the host to
+    drop its padding (backend_shared/unpad.py): the plan comes in the batch (batch_to_arrays)
+    and `bind` files it under the batch's attention-mask array, which the loss passes on."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.plans: dict[int, tuple] = {}  # id(mask) -> (mask, plan arrays)
+
+    def bind(self, batch: dict) -> dict:
+        """The batch without its plan arrays, the plan filed for its attention mask."""
+        plan = tuple(batch[k] for k in PLAN_KEYS if k in batch)
+        batch = {k: v for k, v in batch.items() if k not in PLAN_KEYS}
+        if len(plan) == len(PLAN_KEYS):
+            self.register(batch["attention_mask"], plan)
+        return batch
+
+    def register(self, mask, plan) -> None:
+        self.plans[id(mask)] = (mask, plan)
+
+    def plan(self, mask):
+        entry = self.plans.get(id(mask))
+        return entry[1] if entry is not None and entry[0] is mask else None
 
     def hidden(self, input_ids, attention_mask):
-        return modeling.hidden_states(self.model, input_ids, attention_mask)
+        plan = self.plan(attention_mask)
+        return modeling.hidden_states(self.model, input_ids, attention_mask, plan)
 
     def hidden_and_scores(self, input_ids, attention_mask):
-        hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
+        hidden = self.hidden(input_ids, attention_mask)
         return hidden, self.model.module.score(hidden.astype(mx.float32))[..., 0]
 
     def scores(self, input_ids, attention_mask):
-        return modeling.scores(self.model, input_ids, attention_mask)
+        plan = self.plan(attention_mask)
+        return modeling.scores(self.model, input_ids, attention_mask, plan)
 
     def frozen_hidden(self, role, input_ids, attention_mask):
         """Final hidden states of the frozen model for `role` (frozen_model); no gradient."""
+        plan = self.plan(attention_mask)
         with self.frozen_model(role) as other:
-            return mx.stop_gradient(modeling.hidden_states(other, input_ids, attention_mask))
+            hidden = modeling.hidden_states(other, input_ids, attention_mask, plan)
+            return mx.stop_gradient(hidden)
 
     def head(self, hidden, role=None):
         """float32 logits of hidden states (..., H): this model's head, or (role) the frozen
@@ -84,6 +112,9 @@ class MLXBackend:
         return mx.array(value.astype(np.float32))
 
     def batch_to_arrays(self, batch: dict) -> dict:
+        """mx arrays of a batch's numpy ones, with the plan that runs its trunk without
+        padding when there is one (MLXForward.bind takes it)."""
+        batch = {**batch, **plan_arrays(batch)}
         return {
             k: self.array(v) if isinstance(v, (np.ndarray, np.generic)) else v
             for k, v in batch.items()
@@ -189,8 +220,12 @@ class MLXBackend:
 
     # ---- compute ----
     def logprobs(self, model, input_ids, attention_mask, temperature: float = 1.0) -> np.ndarray:
-        ids, mask = self.array(input_ids), self.array(attention_mask)
-        terms = head_terms(self.ops, MLXForward(model), ids, mask, temperature=temperature)
+        arrays = {"input_ids": np.asarray(input_ids), "attention_mask": np.asarray(attention_mask)}
+        batch = self.batch_to_arrays(arrays)
+        forward = MLXForward(model)
+        batch = forward.bind(batch)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        terms = head_terms(self.ops, forward, ids, mask, temperature=temperature)
         return np.array(terms["logprobs"])
 
     def token_logits(self, model, input_ids, attention_mask) -> np.ndarray:
@@ -244,7 +279,8 @@ class MLXBackend:
 
     def compute_loss(self, model: MLXModel, loss_fn, batch: dict) -> tuple[float, dict]:
         """The loss and metrics of loss_fn without gradients or dropout."""
-        loss, metrics = loss_fn(self.ops, MLXForward(model), self.batch_to_arrays(batch))
+        forward = MLXForward(model)
+        loss, metrics = loss_fn(self.ops, forward, forward.bind(self.batch_to_arrays(batch)))
         mx.eval(loss, metrics)
         return loss.item(), {k: float(v) for k, v in metrics.items()}
 

@@ -116,8 +116,20 @@ def positions(attention_mask: mx.array) -> mx.array:
     return mx.maximum(count - 1 - before, 0)
 
 
-def hidden_states(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
-    return model.module(input_ids, positions(attention_mask), attention_mask)  # (B, T, H)
+def hidden_states(
+    model: MLXModel, input_ids: mx.array, attention_mask: mx.array, plan=None
+) -> mx.array:
+    """Final hidden states (B, T, H). With `plan` (gather, segments, restore arrays of
+    backend_shared/unpad.py) the trunk runs on the packed rows and the states go back to the
+    padded layout, padding positions 0."""
+    if plan is None:
+        return model.module(input_ids, positions(attention_mask), attention_mask)
+    gather, segments, restore = plan
+    flat_ids = mx.concatenate([input_ids.reshape(-1), mx.zeros((1,), input_ids.dtype)])
+    packed = model.module(flat_ids[gather], positions(segments), segments)
+    size = packed.shape[-1]
+    flat = mx.concatenate([packed.reshape(-1, size), mx.zeros((1, size), packed.dtype)])
+    return flat[restore].reshape(*input_ids.shape, size)
 
 
 def logits(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
@@ -131,10 +143,10 @@ def attach_scalar_head(model: MLXModel, seed: int) -> None:
     model.module.score = head
 
 
-def scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array) -> mx.array:
+def scores(model: MLXModel, input_ids: mx.array, attention_mask: mx.array, plan=None) -> mx.array:
     if not model.has_score:
         raise ValueError("this model has no scalar head; attach one first")
-    hidden = hidden_states(model, input_ids, attention_mask)
+    hidden = hidden_states(model, input_ids, attention_mask, plan)
     return model.module.score(hidden.astype(mx.float32))[..., 0]  # (B, T)
 
 

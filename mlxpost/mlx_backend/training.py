@@ -90,7 +90,10 @@ def grad_function(model, forward, ops, loss_fn, compile: bool):
     if key not in model.grad_functions:
 
         def objective(batch):
-            return loss_fn(ops, forward, batch)
+            try:  # the trunk's unpadding plan, when the batch has one (MLXForward.bind)
+                return loss_fn(ops, forward, forward.bind(batch))
+            finally:
+                forward.plans.clear()
 
         value_and_grad = nn.value_and_grad(module, objective)
         if compile:
