@@ -74,3 +74,34 @@ def test_blocked_head_gives_the_head_logits(tiny_dir, arch):
         blocked = sampling.head_logits(model, hidden, 100)
     assert blocked.shape == whole.shape
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_written_out_gpt2_step_samples_what_transformers_forward_does(tiny_dir, lora, monkeypatch):
+    """decode_gpt2 runs transformers' own operations: the same tokens and the same behaviour
+    logprobs, bit for bit, as the loop through base_model, prefill and decode steps alike,
+    rows retiring included (with a LoRA adapter whose update is not zero, too)."""
+    import numpy as np
+    import torch
+
+    from mlxpost.backend import LoraConfig
+    from torch_backend import decode_gpt2, sampling
+
+    backend = get_backend("torch")
+    model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
+    if lora:
+        backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for layer in model.lora.values():
+                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    prompts = [[5, 6, 7, 9, 11, 4], [8, 9], [3, 4, 12]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=3)
+    eos = list(range(10, 40))
+    with sampling.eager_attention(model):
+        assert decode_gpt2.applies(model)
+    fast = sampling.sample(model, prompts, cfg, eos, 0, 7, backend.device, sync_every=1)
+    monkeypatch.setattr(decode_gpt2, "applies", lambda model: False)
+    generic = sampling.sample(model, prompts, cfg, eos, 0, 7, backend.device, sync_every=1)
+    assert 0 < fast.finished.sum() < len(fast.finished), "no row retired early"
+    np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
+    np.testing.assert_array_equal(fast.logprobs, generic.logprobs)

@@ -29,6 +29,7 @@ import torch
 
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
+from torch_backend import decode_gpt2
 from torch_backend.modeling import TORCH_DTYPES, TorchModel, lm_logits, positions, soft_cap
 
 SYNC_EVERY = 8  # tokens between host reads of the finished flags
@@ -225,15 +226,18 @@ def forward_hidden(model: TorchModel, ids, masks, position_ids, cache: DecodeCac
     and values written into the cache, through the model's own modules."""
     count = ids.shape[1]
     cache.first = first
-    out = model.module.base_model(
-        input_ids=ids,
-        attention_mask=masks,
-        position_ids=position_ids,
-        use_cache=True,
-        **{cache.keyword: cache},
-    )
+    if decode_gpt2.applies(model):  # the same operations without transformers' Python
+        hidden = decode_gpt2.hidden(model, ids, masks, position_ids, cache)
+    else:
+        hidden = model.module.base_model(
+            input_ids=ids,
+            attention_mask=masks,
+            position_ids=position_ids,
+            use_cache=True,
+            **{cache.keyword: cache},
+        ).last_hidden_state
     cache.written = first + count
-    return out.last_hidden_state
+    return hidden
 
 
 def sample(
