@@ -136,6 +136,13 @@ def head_terms(
     if other is not None:
         other_hidden = forward.frozen_hidden(other, input_ids, attention_mask)
         other_rows = other_hidden[:, :-1].reshape(count, other_hidden.shape[-1])
+    # Only the positions whose next token is real, where the backend says which (a batch that
+    # is mostly padding: backend_shared/unpad.py); the others' terms are 0.
+    selected = getattr(forward, "head_rows", lambda mask: None)(attention_mask)
+    if selected is not None:
+        keep, put_back = selected
+        rows, targets = rows[keep], targets[keep]
+        other_rows = None if other_rows is None else other_rows[keep]
 
     if divergence_temperature is None:
         divergence_temperature = temperature
@@ -159,6 +166,12 @@ def head_terms(
         return out
 
     per_row = forward.map_head_rows(terms, rows, role)
+    if selected is not None:
+        zero = ops.zeros((1,))
+        per_row = {
+            name: ops.concatenate([value, zero], axis=0)[put_back]
+            for name, value in per_row.items()
+        }
     return {name: _aligned(ops, value.reshape(batch, width - 1)) for name, value in per_row.items()}
 
 

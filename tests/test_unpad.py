@@ -45,6 +45,11 @@ def test_the_plan_moves_every_real_token_once_and_back():
     for b in range(batch):
         slots = plan.restore[b * width : (b + 1) * width][mask[b] > 0]
         assert np.all(np.diff(slots) == 1)
+    # The loss head's rows: exactly the positions whose next token is real, and back.
+    predicts = mask[:, 1:].reshape(-1) > 0
+    assert np.array_equal(plan.head_keep, np.flatnonzero(predicts))
+    kept = np.append(plan.head_keep, -1)[plan.head_restore]
+    assert np.array_equal(kept, np.where(predicts, np.arange(predicts.size), -1))
 
 
 @pytest.mark.parametrize(

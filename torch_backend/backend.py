@@ -14,6 +14,7 @@ from mlxpost.backend import LoraConfig, OptimConfig, Samples, SamplingConfig
 from mlxpost.backend_shared.forward import SharedForward
 from mlxpost.backend_shared.heads import logits_chunk_rows
 from mlxpost.backend_shared.training import process_peak_memory_gb
+from mlxpost.backend_shared.unpad import unpad_plan
 from mlxpost.functional import head_terms
 from torch_backend import allocator, checkpoint_io, fsdp, lora, modeling, sampling, training
 from torch_backend.modeling import TorchModel
@@ -23,11 +24,33 @@ from torch_backend.ops import TorchOps
 class TorchForward(SharedForward):
     """The differentiable view a loss function receives (mlxpost.backend.Forward)."""
 
+    def __init__(self, model):
+        super().__init__(model)
+        self.plans: dict[int, tuple] = {}  # id(mask) -> (mask, its unpadding plan or None)
+
+    def plan(self, mask):
+        """The mask's unpadding plan (backend_shared/unpad.py), read on the host once."""
+        entry = self.plans.get(id(mask))
+        if entry is None or entry[0] is not mask:
+            entry = self.plans[id(mask)] = (mask, unpad_plan(mask.cpu().numpy()))
+        return entry[1]
+
+    def head_rows(self, attention_mask):
+        plan = self.plan(attention_mask)
+        if plan is None:
+            return None
+        device = attention_mask.device
+        return (
+            torch.as_tensor(plan.head_keep, device=device),
+            torch.as_tensor(plan.head_restore, device=device),
+        )
+
     def hidden(self, input_ids, attention_mask):
-        return modeling.hidden_states(self.model, input_ids, attention_mask)
+        plan = self.plan(attention_mask)
+        return modeling.hidden_states(self.model, input_ids, attention_mask, plan)
 
     def hidden_and_scores(self, input_ids, attention_mask):
-        hidden = modeling.hidden_states(self.model, input_ids, attention_mask)
+        hidden = self.hidden(input_ids, attention_mask)
         return hidden, self.model.score(hidden.float())[..., 0]
 
     def scores(self, input_ids, attention_mask):
@@ -35,8 +58,9 @@ class TorchForward(SharedForward):
 
     def frozen_hidden(self, role, input_ids, attention_mask):
         """Final hidden states of the frozen model for `role` (frozen_model); no gradient."""
+        plan = self.plan(attention_mask)
         with torch.no_grad(), self.frozen_model(role) as other:
-            return modeling.hidden_states(other, input_ids, attention_mask)
+            return modeling.hidden_states(other, input_ids, attention_mask, plan)
 
     def head(self, hidden, role=None):
         """float32 logits of hidden states (..., H): this model's head, or (role) the frozen

@@ -187,12 +187,17 @@ def logits(
     return out.logits  # (B, T, V), model dtype
 
 
+NO_PLAN = object()
+
+
 def hidden_states(
-    model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: TorchModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan=NO_PLAN
 ) -> torch.Tensor:
     """Final hidden states (B, T, H), after the final norm. A batch that is mostly padding
-    runs its trunk packed (backend_shared/unpad.py), its padding positions' states 0."""
-    plan = unpad_plan(attention_mask.cpu().numpy())
+    runs its trunk packed (backend_shared/unpad.py), its padding positions' states 0; `plan`
+    is that plan when the caller has it (None: run padded)."""
+    if plan is NO_PLAN:
+        plan = unpad_plan(attention_mask.cpu().numpy())
     if plan is None:
         return trunk(model, input_ids, attention_mask)
     device = input_ids.device

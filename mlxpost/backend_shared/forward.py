@@ -25,6 +25,11 @@ class SharedForward:
         """Whether a gradient may flow through rows (so chunks are worth recomputing)."""
         return True
 
+    def head_rows(self, attention_mask):
+        """(keep, put_back) index arrays of the predicting positions the loss head needs
+        (backend_shared/unpad.py), or None for all of them."""
+        return None
+
     @staticmethod
     def concatenate(arrays):
         raise NotImplementedError

@@ -7,7 +7,8 @@ its positions were padding. The trunk's cost is per position, padding or not, so
 row (first-fit decreasing, as --pack does), each row one segment of the packed mask. The trunk
 runs on the packed rows, with the packed-row masks and positions that keep every row's
 attention to itself, and its hidden states go back to the original (B, T) layout, padding
-positions 0.
+positions 0. The loss head (functional.head_terms) then runs only on the positions whose next
+token is real, and the terms of the others are 0.
 
 A real token sees the same keys at the same positions either way: a key is seen only if real,
 positions count a row's real tokens, and a row's real tokens are contiguous (checked; a
@@ -32,6 +33,10 @@ class UnpadPlan:
     segments: np.ndarray  # (R, L) int64: the packed mask, segment ids 1.. (0 for filler)
     restore: np.ndarray  # (B * T,) int64: flat index into the (R * L) packed states, R * L
     # (one past the end: a zero row the caller appends) for a padding position
+    # The loss head's rows: of the B * (T - 1) positions that predict a next token, those whose
+    # next token is real (head_terms computes only these; the others' terms are 0).
+    head_keep: np.ndarray  # (n,) int64: flat index into the B * (T - 1) predicting positions
+    head_restore: np.ndarray  # (B * (T - 1),) int64: index into the n kept, n for the others
 
 
 def unpad_plan(attention_mask: np.ndarray, min_saving: float = MIN_SAVING) -> UnpadPlan | None:
@@ -70,10 +75,14 @@ def unpad_plan(attention_mask: np.ndarray, min_saving: float = MIN_SAVING) -> Un
             segments.reshape(-1)[target] = segment
             restore[source] = target
             offset += count
-    return UnpadPlan(gather, segments, restore)
+    predicts_real = real[:, 1:].reshape(-1)
+    head_keep = np.flatnonzero(predicts_real).astype(np.int64)
+    head_restore = np.full(predicts_real.size, head_keep.size, dtype=np.int64)
+    head_restore[head_keep] = np.arange(head_keep.size)
+    return UnpadPlan(gather, segments, restore, head_keep, head_restore)
 
 
-PLAN_KEYS = ("unpad_gather", "unpad_segments", "unpad_restore")
+PLAN_KEYS = ("unpad_gather", "unpad_segments", "unpad_restore", "unpad_keep", "unpad_put_back")
 
 
 def plan_arrays(batch: dict) -> dict[str, np.ndarray]:
@@ -83,4 +92,5 @@ def plan_arrays(batch: dict) -> dict[str, np.ndarray]:
     plan = unpad_plan(mask) if isinstance(mask, np.ndarray) else None
     if plan is None:
         return {}
-    return dict(zip(PLAN_KEYS, (plan.gather, plan.segments, plan.restore)))
+    arrays = (plan.gather, plan.segments, plan.restore, plan.head_keep, plan.head_restore)
+    return dict(zip(PLAN_KEYS, arrays))

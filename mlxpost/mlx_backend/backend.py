@@ -48,6 +48,10 @@ class MLXForward(SharedForward):
         entry = self.plans.get(id(mask))
         return entry[1] if entry is not None and entry[0] is mask else None
 
+    def head_rows(self, attention_mask):
+        plan = self.plan(attention_mask)
+        return None if plan is None else plan[3:5]
+
     def hidden(self, input_ids, attention_mask):
         plan = self.plan(attention_mask)
         return modeling.hidden_states(self.model, input_ids, attention_mask, plan)

@@ -119,12 +119,12 @@ def positions(attention_mask: mx.array) -> mx.array:
 def hidden_states(
     model: MLXModel, input_ids: mx.array, attention_mask: mx.array, plan=None
 ) -> mx.array:
-    """Final hidden states (B, T, H). With `plan` (gather, segments, restore arrays of
-    backend_shared/unpad.py) the trunk runs on the packed rows and the states go back to the
+    """Final hidden states (B, T, H). With `plan` (the arrays of backend_shared/unpad.py's
+    plan_arrays, gather, segments and restore first) the trunk runs on the packed rows and the states go back to the
     padded layout, padding positions 0."""
     if plan is None:
         return model.module(input_ids, positions(attention_mask), attention_mask)
-    gather, segments, restore = plan
+    gather, segments, restore = plan[:3]
     flat_ids = mx.concatenate([input_ids.reshape(-1), mx.zeros((1,), input_ids.dtype)])
     packed = model.module(flat_ids[gather], positions(segments), segments)
     size = packed.shape[-1]
