@@ -54,6 +54,62 @@ def test_retiring_finished_rows_changes_no_sample(tiny_dir, arch):
     assert gap.max() < 1e-4, gap.max()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and nn.Linear projections
+def test_sampling_folds_float32_adapters_into_their_weights(tiny_dir, arch, monkeypatch):
+    """While sampling, every enabled adapter runs as one projection with its update folded into
+    a copy of the base weight: each layer gives its unmerged output to float32 rounding, the
+    sampler's behaviour logprobs stay the trainer's (unmerged) ones on the same tokens, a
+    disabled adapter and a budget too small for the copies merge nothing, and nothing stays
+    merged afterwards."""
+    import numpy as np
+    import torch
+
+    from mlxpost.backend import LoraConfig
+    from torch_backend import lora, sampling
+
+    backend = get_backend("torch")
+    model = backend.load_model(str(tiny_dir / f"tiny-{arch}"))
+    backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
+    layers = list(model.lora.values())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.weight.normal_(0, 0.05, generator=generator)
+    inputs = [torch.randn(2, 3, layer.in_features, generator=generator) for layer in layers]
+    with torch.no_grad():
+        plain = [layer(x) for layer, x in zip(layers, inputs)]
+        with lora.merged_for_inference(layers) as count:
+            assert count == len(layers)
+            merged = [layer(x) for layer, x in zip(layers, inputs)]
+        for layer, x, want, got in zip(layers, inputs, plain, merged):
+            # float32 rounding of sums of a few hundred products, relative to the output's size
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+            assert (want - layer.base_layer(x)).abs().max() > 1e-3  # the update is not zero
+        with lora.merged_for_inference(layers, limit_bytes=0) as count:
+            assert count == 0
+        layers[0].enabled = False
+        with lora.merged_for_inference(layers) as count:
+            assert count == len(layers) - 1 and layers[0].merged is None
+        layers[0].enabled = True
+    assert all(layer.merged is None for layer in layers)
+
+    calls = []
+    real = lora.merged_for_inference
+
+    def spy(layers, limit_bytes=None):
+        calls.append(len(list(layers)))
+        return real(model.lora.values(), limit_bytes)
+
+    monkeypatch.setattr(lora, "merged_for_inference", spy)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, n=2)
+    samples = sampling.sample(model, [[5, 6, 7, 9], [8, 9]], cfg, [-1], 0, 3, backend.device)
+    assert calls == [len(layers)]
+    ids = np.concatenate([samples.prompt_ids, samples.completion_ids], axis=1)
+    mask = np.concatenate([samples.prompt_mask, samples.completion_mask], axis=1)
+    trainer = backend.logprobs(model, ids, mask, 1.0)[:, samples.prompt_ids.shape[1] :]
+    np.testing.assert_allclose(samples.logprobs, trainer, atol=2e-5)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2", "llama"])
 def test_blocked_head_gives_the_head_logits(tiny_dir, arch):
     """The decode head in vocabulary blocks (soft-capped after, on Gemma-2) gives lm_logits'

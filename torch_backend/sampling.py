@@ -10,6 +10,8 @@ embeddings, fused projections), but it pays none of `generate`'s per-token bookk
   one (B, 1, T, S) additive mask per attention type, so transformers' mask construction never
   runs;
 * on CPU in float32, attention runs transformers' eager code (eager_attention);
+* float32 LoRA adapters run folded into copies of their base weights, one projection each
+  (lora.merged_for_inference);
 * tokens are drawn on the device with the seeded generator by inverse transform sampling, one
   uniform number per original row and step (N, not N x V: for a 50k vocabulary the (N, V)
   exponential noise `torch.multinomial` draws took a fifth of a decode step), so the random
@@ -29,7 +31,7 @@ import torch
 
 from mlxpost.backend import Samples, SamplingConfig
 from mlxpost.backend_shared.sampling import assemble, left_pad, new_token_budget
-from torch_backend import decode_gpt2
+from torch_backend import decode_gpt2, lora
 from torch_backend.modeling import TORCH_DTYPES, TorchModel, lm_logits, positions, soft_cap
 
 SYNC_EVERY = 8  # tokens between host reads of the finished flags
@@ -255,7 +257,8 @@ def sample(
     step with that step's (N,) int32 token row (pad_id in rows already finished), so a
     caller can stream the tokens; it changes nothing sampled. `sync_every` (tokens between
     checks for EOS) changes only the speed, never the samples."""
-    with torch.no_grad(), eager_attention(model):
+    merged = lora.merged_for_inference(model.lora.values())
+    with torch.no_grad(), eager_attention(model), merged:
         return decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_every)
 
 
