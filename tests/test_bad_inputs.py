@@ -1499,7 +1499,7 @@ TRAINING_CASES = [
     # NaN or inf in training: exit 3, no non-finite checkpoint (the newest stays finite)
     Case(
         "sft-non-finite-training",
-        "sft --backend torch --learning-rate 1e3 --warmup-steps 0 --steps 12 --save-every 2 "
+        "sft --backend torch --learning-rate 1e5 --warmup-steps 0 --steps 12 --save-every 2 "
         "--eval-every 0 --eval-math 0 --eval-text 0 --eval-limit 8 --batch-size 4 " + RUN,
         "loss or gradient norm NaN or inf for 3 steps in a row",
         code=3,
