@@ -134,9 +134,11 @@ def test_blocked_head_gives_the_head_logits(tiny_dir, arch):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
 def test_written_out_gpt2_step_samples_what_transformers_forward_does(tiny_dir, lora, monkeypatch):
-    """decode_gpt2 runs transformers' own operations: the same tokens and the same behaviour
-    logprobs, bit for bit, as the loop through base_model, prefill and decode steps alike,
-    rows retiring included (with a LoRA adapter whose update is not zero, too)."""
+    """decode_gpt2 on the projection modules runs transformers' own operations: the same
+    tokens and the same behaviour logprobs, bit for bit, as the loop through base_model,
+    prefill and decode steps alike, rows retiring included (with a LoRA adapter whose update
+    is not zero, too). Its (out, in) weight copies are off here (a limit of 0 bytes): they
+    round differently, which the next test measures."""
     import numpy as np
     import torch
 
@@ -155,9 +157,74 @@ def test_written_out_gpt2_step_samples_what_transformers_forward_does(tiny_dir, 
     eos = list(range(10, 40))
     with sampling.eager_attention(model):
         assert decode_gpt2.applies(model)
+    monkeypatch.setattr(decode_gpt2, "LAYOUT_LIMIT_BYTES", 0)
     fast = sampling.sample(model, prompts, cfg, eos, 0, 7, backend.device, sync_every=1)
     monkeypatch.setattr(decode_gpt2, "applies", lambda model: False)
     generic = sampling.sample(model, prompts, cfg, eos, 0, 7, backend.device, sync_every=1)
     assert 0 < fast.finished.sum() < len(fast.finished), "no row retired early"
     np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
     np.testing.assert_array_equal(fast.logprobs, generic.logprobs)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["base", "lora"])
+def test_gpt2_step_with_linear_weight_copies_computes_what_the_modules_do(tiny_dir, lora):
+    """GPT-2's step multiplying with (out, in) copies of its projections (a folded adapter
+    included) gives the module path's hidden states to float32 rounding, prefill and decode;
+    no copies are made for an adapter left unfolded or past the byte limit; and sampled
+    behaviour logprobs stay the trainer's on the same tokens."""
+    import numpy as np
+    import torch
+
+    from mlxpost.backend import LoraConfig
+    from torch_backend import decode_gpt2, sampling
+    from torch_backend import lora as torch_lora
+
+    backend = get_backend("torch")
+    model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
+    if lora:
+        backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for layer in model.lora.values():
+                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        assert decode_gpt2.linear_weights(model) is None  # unfolded: not one matmul
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 3, 4]])
+    with torch.no_grad(), sampling.eager_attention(model):
+        with torch_lora.merged_for_inference(model.lora.values()):
+            assert decode_gpt2.linear_weights(model, limit_bytes=0) is None
+            weights = decode_gpt2.linear_weights(model)
+            assert weights is not None
+            doubled = [[(w * 2, b) for w, b in block] for block in weights]
+            modules, copies, wrong = (
+                prefill_and_step(model, ids, mask, prepared)
+                for prepared in (None, weights, doubled)
+            )
+    scale = modules.abs().max().item()
+    torch.testing.assert_close(copies, modules, rtol=0, atol=1e-5 * scale)
+    assert (wrong - modules).abs().max() > 0.1 * scale  # the copies are what is multiplied
+
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, n=2)
+    samples = sampling.sample(model, [[5, 6, 7, 9], [8, 9]], cfg, [-1], 0, 3, backend.device)
+    full = np.concatenate([samples.prompt_ids, samples.completion_ids], axis=1)
+    full_mask = np.concatenate([samples.prompt_mask, samples.completion_mask], axis=1)
+    trainer = backend.logprobs(model, full, full_mask, 1.0)[:, samples.prompt_ids.shape[1] :]
+    np.testing.assert_allclose(samples.logprobs, trainer, atol=2e-5)
+
+
+def prefill_and_step(model, ids, mask, weights):
+    """decode_gpt2's hidden states of a prefill and one decode step of its last tokens."""
+    import torch
+
+    from torch_backend import decode_gpt2, sampling
+
+    width = ids.shape[1]
+    cache = sampling.DecodeCache(width + 2, "cache")
+    masks = sampling.DecodeMasks(model, mask, width + 2)
+    first = decode_gpt2.hidden(
+        model, ids, masks.build(0, width), sampling.positions(mask), cache, weights
+    )
+    masks.mark_real(width)
+    cache.first = cache.written = width
+    position = sampling.positions(mask)[:, -1:] + 1
+    step = decode_gpt2.hidden(model, ids[:, -1:], masks.build(width, 1), position, cache, weights)
+    return torch.cat([first, step], dim=1)

@@ -223,23 +223,31 @@ def head_logits(model: TorchModel, hidden: torch.Tensor, chunk: int) -> torch.Te
     return soft_cap(model, out)
 
 
-def forward_hidden(model: TorchModel, ids, masks, position_ids, cache: DecodeCache, first: int):
-    """Final hidden states (B, T, H) of the new tokens at slots [first, first + T), their keys
-    and values written into the cache, through the model's own modules."""
-    count = ids.shape[1]
-    cache.first = first
-    if decode_gpt2.applies(model):  # the same operations without transformers' Python
-        hidden = decode_gpt2.hidden(model, ids, masks, position_ids, cache)
-    else:
-        hidden = model.module.base_model(
-            input_ids=ids,
-            attention_mask=masks,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache.keyword: cache},
-        ).last_hidden_state
-    cache.written = first + count
-    return hidden
+class Forward:
+    """Final hidden states (B, T, H) of new tokens at slots [first, first + T), their keys and
+    values written into the cache, through the model's own modules: GPT-2's written-out step
+    where it applies (decode_gpt2, multiplying with its projections' (out, in) copies, made
+    once per sampling call), else transformers' base model."""
+
+    def __init__(self, model: TorchModel):
+        self.model = model
+        self.gpt2 = decode_gpt2.applies(model)
+        self.weights = decode_gpt2.linear_weights(model) if self.gpt2 else None
+
+    def __call__(self, ids, masks, position_ids, cache: DecodeCache, first: int):
+        cache.first = first
+        if self.gpt2:  # the same operations without transformers' Python
+            hidden = decode_gpt2.hidden(self.model, ids, masks, position_ids, cache, self.weights)
+        else:
+            hidden = self.model.module.base_model(
+                input_ids=ids,
+                attention_mask=masks,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache.keyword: cache},
+            ).last_hidden_state
+        cache.written = first + ids.shape[1]
+        return hidden
 
 
 def sample(
@@ -274,7 +282,8 @@ def decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_ev
 
     cache = DecodeCache(width + budget, cache_keyword(model.module.base_model))
     masks = DecodeMasks(model, mask, width + budget)
-    hidden = forward_hidden(model, ids, masks.build(0, width), positions(mask), cache, 0)
+    forward = Forward(model)
+    hidden = forward(ids, masks.build(0, width), positions(mask), cache, 0)
     logits = head_logits(model, hidden[:, -1], HEAD_CHUNK)  # (B, V): never (B, P, V)
     position = positions(mask)[:, -1] + 1  # (B,)
     if cfg.n > 1:  # every sample of a prompt reuses that prompt's prefill
@@ -316,9 +325,7 @@ def decode(model, prompts, cfg, eos_ids, pad_id, seed, device, on_token, sync_ev
                 rows, done, token, position = rows[keep], done[keep], token[keep], position[keep]
         slot = width + step
         masks.mark_real(slot)
-        hidden = forward_hidden(
-            model, token[:, None], masks.build(slot, 1), position[:, None], cache, slot
-        )
+        hidden = forward(token[:, None], masks.build(slot, 1), position[:, None], cache, slot)
         logits = head_logits(model, hidden[:, -1], HEAD_CHUNK)
         position = position + 1
 
