@@ -140,18 +140,10 @@ def test_written_out_gpt2_step_samples_what_transformers_forward_does(tiny_dir, 
     is not zero, too). Its (out, in) weight copies are off here (a limit of 0 bytes): they
     round differently, which the next test measures."""
     import numpy as np
-    import torch
 
-    from mlxpost.backend import LoraConfig
     from torch_backend import decode_gpt2, sampling
 
-    backend = get_backend("torch")
-    model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
-    if lora:
-        backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
-        with torch.no_grad():
-            for layer in model.lora.values():
-                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    backend, model = tiny_gpt2(tiny_dir, lora)
     prompts = [[5, 6, 7, 9, 11, 4], [8, 9], [3, 4, 12]]
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=3)
     eos = list(range(10, 40))
@@ -175,17 +167,11 @@ def test_gpt2_step_with_linear_weight_copies_computes_what_the_modules_do(tiny_d
     import numpy as np
     import torch
 
-    from mlxpost.backend import LoraConfig
     from torch_backend import decode_gpt2, sampling
     from torch_backend import lora as torch_lora
 
-    backend = get_backend("torch")
-    model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
+    backend, model = tiny_gpt2(tiny_dir, lora)
     if lora:
-        backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
-        with torch.no_grad():
-            for layer in model.lora.values():
-                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
         assert decode_gpt2.linear_weights(model) is None  # unfolded: not one matmul
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     ids = torch.tensor([[0, 5, 6, 7], [8, 9, 3, 4]])
@@ -228,3 +214,20 @@ def prefill_and_step(model, ids, mask, weights):
     position = sampling.positions(mask)[:, -1:] + 1
     step = decode_gpt2.hidden(model, ids[:, -1:], masks.build(width, 1), position, cache, weights)
     return torch.cat([first, step], dim=1)
+
+
+def tiny_gpt2(tiny_dir, lora: bool):
+    """The torch backend and the tiny GPT-2, with a rank-4 adapter whose update is not zero
+    when `lora`."""
+    import torch
+
+    from mlxpost.backend import LoraConfig
+
+    backend = get_backend("torch")
+    model = backend.load_model(str(tiny_dir / "tiny-gpt2"))
+    if lora:
+        backend.attach_lora(model, LoraConfig(rank=4, alpha=8.0))
+        with torch.no_grad():
+            for layer in model.lora.values():
+                layer.lora_B.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    return backend, model
